@@ -1,0 +1,18 @@
+"""User-facing errors: raised at the boundary, printed as one line by the CLI."""
+
+
+class MetrolineError(Exception):
+    """Base of every error that reports bad user input rather than a bug."""
+
+
+class ModelLoadError(MetrolineError):
+    """The model path, file or checkpoint cannot be loaded (missing, not a model, unsupported)."""
+
+
+class InvalidRequestError(MetrolineError, ValueError):
+    """A request or a sampling parameter is invalid. `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
