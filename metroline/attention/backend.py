@@ -1,0 +1,163 @@
+"""Paged attention: one interface, and a pure-torch backend that runs on any device.
+
+KV cache layout, per layer: two tensors [num_blocks * block_size, num_kv_heads, head_dim].
+A token's slot is block_id * block_size + offset; `slot_mapping[i]` is where token i of the
+flat batch writes its K and V. Sequences are ordered decodes first (one query token each),
+then prefill chunks (any number of query tokens over any number of cached ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqInfo:
+    """What attention needs to know of one scheduled sequence."""
+
+    num_new_tokens: int  # query tokens this step
+    start_pos: int  # tokens already in the cache before this step
+    block_ids: Sequence[int]
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # offset of its first query token in the flat batch
+    q_len: int
+    start_pos: int
+    kv_slots: torch.Tensor | None  # slots of all its tokens (cached + new); None when start_pos == 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decode_tokens: int = 0
+    decode_slots: torch.Tensor | None = None  # [B, L] int64 (padded; see decode_mask)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True where a real token is
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+class AttentionBackend:
+    """Interface every attention backend implements. Chosen once, at start-up, by name."""
+
+    name = "abstract"
+
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
+                          num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                          device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device),
+                 torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+
+    def build_metadata(self, seqs: Sequence[SeqInfo], block_size: int,
+                       device: torch.device) -> AttentionMetadata:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _slots_of(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Runs anywhere torch runs. Decodes are batched into one padded matmul per layer over
+    gathered K/V (padding only inside attention, never in the flat token batch); prefill chunks
+    use scaled_dot_product_attention per sequence, with a bottom-right causal mask when part
+    of the sequence is already cached."""
+
+    name = "torch"
+
+    def build_metadata(self, seqs, block_size, device):
+        slot_mapping: list[int] = []
+        decodes = []
+        prefills: list[PrefillSeq] = []
+        q_start = 0
+        for s in seqs:
+            slot_mapping += _slots_of(s.block_ids, s.start_pos, s.start_pos + s.num_new_tokens, block_size)
+            if s.num_new_tokens == 1 and not prefills:
+                decodes.append(s)
+            else:
+                assert s.num_new_tokens >= 1
+                kv_slots = None
+                if s.start_pos > 0:
+                    kv_slots = torch.tensor(
+                        _slots_of(s.block_ids, 0, s.start_pos + s.num_new_tokens, block_size),
+                        dtype=torch.int64, device=device)
+                prefills.append(PrefillSeq(q_start, s.num_new_tokens, s.start_pos, kv_slots))
+            q_start += s.num_new_tokens
+        meta = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+                                 num_decode_tokens=len(decodes), prefills=prefills)
+        if decodes:
+            seq_lens = torch.tensor([s.start_pos + 1 for s in decodes], dtype=torch.int64)
+            max_blocks = max((s.start_pos // block_size) + 1 for s in decodes)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.int64)
+            for i, s in enumerate(decodes):
+                n = s.start_pos // block_size + 1
+                table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int64)
+            offsets = torch.arange(block_size, dtype=torch.int64)
+            slots = (table.unsqueeze(-1) * block_size + offsets).reshape(len(decodes), -1)
+            L = int(seq_lens.max())
+            slots = slots[:, :L]
+            mask = torch.arange(L).unsqueeze(0) < seq_lens.unsqueeze(1)
+            # Padding points at a real slot (the sequence's first); the mask hides it.
+            slots = torch.where(mask, slots, slots[:, :1])
+            meta.decode_slots = slots.to(device)
+            meta.decode_mask = mask.view(len(decodes), 1, 1, L).to(device)
+        return meta
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+        nd = meta.num_decode_tokens
+        if nd:
+            B, L = meta.decode_slots.shape
+            G = Hq // Hkv
+            kd = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            qd = q[:nd].view(B, Hkv, G, D)
+            scores = torch.matmul(qd, kd) * scale  # [B, Hkv, G, L]
+            scores = scores.float().masked_fill(~meta.decode_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            out[:nd] = torch.matmul(probs, vd).reshape(B, Hq, D)
+        for p in meta.prefills:
+            qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [Hq, Lq, D]
+            if p.kv_slots is None:
+                ks = k[p.q_start:p.q_start + p.q_len].transpose(0, 1)
+                vs = v[p.q_start:p.q_start + p.q_len].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                   enable_gqa=True)
+            else:
+                ks = k_cache[p.kv_slots].transpose(0, 1)
+                vs = v_cache[p.kv_slots].transpose(0, 1)
+                Lk = ks.shape[1]
+                # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
+                mask = (torch.arange(Lk, device=q.device).unsqueeze(0)
+                        <= torch.arange(p.q_len, device=q.device).unsqueeze(1) + p.start_pos)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                   enable_gqa=True)
+            out[p.q_start:p.q_start + p.q_len] = o.transpose(0, 1)
+        return out
+
+
+_BACKENDS = {"torch": TorchAttentionBackend}
+
+
+def get_attention_backend(name: str = "auto", device: torch.device | None = None) -> AttentionBackend:
+    """Resolve a backend by name. 'auto' picks the best one available for the device; a CUDA
+    backend (flash-attn / FlashInfer) registers here when present."""
+    if name == "auto":
+        name = "torch"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (available: {sorted(_BACKENDS)})")
+    return _BACKENDS[name]()

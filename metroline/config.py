@@ -1,0 +1,66 @@
+"""Frozen configuration dataclasses, validated once in __post_init__. CLI flags map 1:1 to fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metroline.errors import InvalidRequestError
+
+
+def _require(cond: bool, msg: str, param: str) -> None:
+    if not cond:
+        raise InvalidRequestError(msg, param=param)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Bytes for the KV pool. None: a fraction of the memory that is free at start-up.
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float = 0.25
+    # Overrides the size computed from memory (tests use tiny pools).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                 "block_size must be a positive power of two", "block_size")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                 "kv_cache_memory must be positive", "kv_cache_memory")
+        _require(0 < self.kv_cache_memory_fraction <= 0.95,
+                 "kv_cache_memory_fraction must be in (0, 0.95]", "kv_cache_memory_fraction")
+        _require(self.num_blocks is None or self.num_blocks >= 2,
+                 "num_blocks must be at least 2", "num_blocks")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: the model's context length
+    policy: str = "fcfs"  # "fcfs" or "priority"
+    enable_chunked_prefill: bool = True
+    # Requests allowed to wait; beyond it add_request says no (the server answers 429).
+    max_queued_requests: int | None = None
+
+    def __post_init__(self):
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0",
+                 "max_num_batched_tokens")
+        _require(self.max_num_seqs > 0, "max_num_seqs must be > 0", "max_num_seqs")
+        _require(self.policy in ("fcfs", "priority"), "policy must be 'fcfs' or 'priority'",
+                 "policy")
+        _require(self.max_queued_requests is None or self.max_queued_requests >= 0,
+                 "max_queued_requests must be >= 0", "max_queued_requests")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # path to .gguf / HF folder / hub id; None: the default model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"unsupported dtype {self.dtype!r}", "dtype")

@@ -1,0 +1,217 @@
+"""Typed messages of the engine: SamplingParams in, Request inside, RequestOutput out."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from metroline.errors import InvalidRequestError
+
+# A logits processor sees the request's output ids so far and its logits row (1-D float
+# tensor) and returns the row to use. Grammars plug in here.
+LogitsProcessor = Callable[[Sequence[int], "object"], "object"]
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+
+def _check(cond: bool, msg: str, param: str) -> None:
+    if not cond:
+        raise InvalidRequestError(msg, param=param)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per token (0: only the chosen token)
+    skip_special_tokens: bool = True
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequestError, naming the parameter, for any value out of range."""
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]", "n")
+        _check(0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]", "temperature")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (or -1)",
+               "top_k")
+        _check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", "top_p")
+        _check(0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", "min_p")
+        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]",
+               "repetition_penalty")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]",
+               "presence_penalty")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]",
+               "frequency_penalty")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens must be >= 1", "max_tokens")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0",
+               "min_tokens")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+               "min_tokens must not exceed max_tokens", "min_tokens")
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+               f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
+        _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer", "seed")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",
+               "stop")
+        _check(len(self.stop) <= 16, "at most 16 stop strings", "stop")
+        for name, ids in (("stop_token_ids", self.stop_token_ids),
+                          ("logit_bias", list((self.logit_bias or {}).keys()))):
+            for t in ids:
+                _check(isinstance(t, int) and t >= 0 and (vocab_size is None or t < vocab_size),
+                       f"token id {t!r} in {name} is out of the vocabulary"
+                       + (f" (size {vocab_size})" if vocab_size else ""), name)
+        for v in (self.logit_bias or {}).values():
+            _check(-100.0 <= float(v) <= 100.0, "logit_bias values must be in [-100, 100]",
+                   "logit_bias")
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+_arrival_counter = itertools.count()
+
+
+class Request:
+    """One sequence being generated. n > 1 is fanned out into n Requests sharing a group_id."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int] = frozenset(),
+        arrival_time: float | None = None,
+        priority: int = 0,
+        session_id: str | None = None,
+        program_id: str | None = None,
+        cache_salt: str | None = None,
+        group_id: str | None = None,
+        sample_index: int = 0,
+    ):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # Ties in arrival time are broken by submission order.
+        self.arrival_seq = next(_arrival_counter)
+        self.priority = priority  # lower value = served first (as in vLLM)
+        self.session_id = session_id
+        self.program_id = program_id
+        self.cache_salt = cache_salt
+        self.group_id = group_id or request_id
+        self.sample_index = sample_index
+
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list = []  # per output token: (logprob, [(id, logprob), ...])
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.first_token_time: float | None = None
+        self.error: str | None = None
+        self.max_tokens = sampling_params.max_tokens  # resolved by the engine against max_model_len
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed_tokens})")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list | None = None  # per token: (token_id, logprob, [(id, logprob), ...])
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot (or, when streaming, a delta) of one user request's outputs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)

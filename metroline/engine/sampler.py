@@ -1,0 +1,139 @@
+"""Batched sampling with per-request parameters.
+
+Order of operations on each row of logits (float32):
+  logits processors -> logit_bias -> repetition / presence / frequency penalties
+  -> min_tokens mask (EOS and stop ids) -> [logprobs are taken here] -> greedy argmax, or
+  temperature -> top-k -> top-p -> min-p -> draw.
+Draws use the exponential-race trick (argmax of p / E, E ~ Exp(1)) with noise from the
+request's own generator, so a seeded request samples the same tokens whatever else shares
+its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from metroline.engine.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        self._default_gen = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, req: Request) -> torch.Generator:
+        if req.sampling_params.seed is None:
+            return self._default_gen
+        g = self._generators.get(req.request_id)
+        if g is None:
+            # Siblings of an n > 1 request get distinct but reproducible streams.
+            g = torch.Generator().manual_seed(req.sampling_params.seed + 1_000_003 * req.sample_index)
+            self._generators[req.request_id] = g
+        return g
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[SampleResult]:
+        B, V = logits.shape
+        logits = logits.float()
+        params = [r.sampling_params for r in reqs]
+        for i, (r, sp) in enumerate(zip(reqs, params)):
+            for proc in sp.logits_processors:
+                logits[i] = proc(r.output_token_ids, logits[i])
+            if sp.logit_bias:
+                ids = torch.tensor(list(sp.logit_bias.keys()), dtype=torch.int64)
+                vals = torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype)
+                logits[i].index_add_(0, ids.to(logits.device), vals.to(logits.device))
+        self._apply_penalties(logits, reqs)
+        for i, (r, sp) in enumerate(zip(reqs, params)):
+            if r.num_output_tokens < sp.min_tokens:
+                banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(r.eos_token_ids))
+                if banned:
+                    logits[i, list(banned)] = float("-inf")
+
+        want_lp = [sp.logprobs is not None for sp in params]
+        logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+        tokens = logits.argmax(dim=-1)
+        sample_rows = [i for i, sp in enumerate(params) if not sp.greedy]
+        if sample_rows:
+            idx = torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)
+            sub = logits.index_select(0, idx)
+            temps = torch.tensor([params[i].temperature for i in sample_rows], device=logits.device)
+            sub = sub / temps.unsqueeze(1)
+            sub = self._filter(sub, [params[i] for i in sample_rows])
+            probs = torch.softmax(sub, dim=-1)
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(sample_rows):
+                noise[j].exponential_(generator=self._generator(reqs[i]))
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+
+        tok_list = tokens.tolist()
+        results = []
+        for i, t in enumerate(tok_list):
+            res = SampleResult(t)
+            if want_lp[i]:
+                row = logprobs[i]
+                res.logprob = float(row[t])
+                k = params[i].logprobs
+                if k:
+                    vals, ids = row.topk(k)
+                    res.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+                else:
+                    res.top_logprobs = []
+            results.append(res)
+        return results
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
+        for i, r in enumerate(reqs):
+            sp = r.sampling_params
+            if sp.repetition_penalty != 1.0:
+                # As in HF/vLLM: over prompt and output tokens; divides positive logits.
+                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.int64, device=logits.device)
+                if seen.numel():
+                    vals = logits[i, seen]
+                    logits[i, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
+                                                  vals * sp.repetition_penalty)
+            if (sp.presence_penalty or sp.frequency_penalty) and r.output_token_ids:
+                # As in OpenAI: over generated tokens only.
+                out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=logits.device)
+                counts = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+                counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+                logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, params) -> torch.Tensor:
+        """top-k, top-p and min-p on temperature-scaled logits (rows that need none pass as is)."""
+        need_sort = [sp.top_k > 0 or sp.top_p < 1.0 for sp in params]
+        if any(need_sort):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            V = logits.shape[1]
+            top_k = torch.tensor([sp.top_k if sp.top_k > 0 else V for sp in params], device=logits.device)
+            top_p = torch.tensor([sp.top_p for sp in params], device=logits.device)
+            ranks = torch.arange(V, device=logits.device).unsqueeze(0)
+            remove = ranks >= top_k.unsqueeze(1)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+            remove |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        min_p = [sp.min_p for sp in params]
+        if any(m > 0 for m in min_p):
+            probs = torch.softmax(logits, dim=-1)
+            thresh = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < thresh, float("-inf"))
+        return logits

@@ -1,0 +1,273 @@
+"""The Llama family (Llama, SmolLM2, Mistral, Qwen2) over a flat, unpadded batch of tokens.
+
+Modules are named as in Hugging Face checkpoints. q/k/v and gate/up are fused into one matmul
+each (`qkv_proj`, `gate_up_proj`); `load_weights` maps the checkpoint's separate tensors onto
+their shards, so a checkpoint loads unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metroline.attention.backend import AttentionBackend, AttentionMetadata
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "llama"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype, as the reference implementation does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: LlamaConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with the checkpoint's scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_freqs is not None:  # GGUF llama3-style models store the scaled factors directly
+        return inv_freq / rope_freqs.float()
+    sc = config.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind in ("default", None, "none"):
+        return inv_freq
+    factor = float(sc.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low = float(sc.get("low_freq_factor", 1.0))
+        high = float(sc.get("high_freq_factor", 4.0))
+        orig = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        low_wl, high_wl = orig / low, orig / high
+        scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(is_mid, mid, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, indexed by each token's position (rotate-half form)."""
+
+    def __init__(self, config: LlamaConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.max_positions = max_positions
+        self._build(max_positions)
+
+    def set_rope_freqs(self, rope_freqs: torch.Tensor) -> None:
+        self.inv_freq = rope_inv_freq(self.config, rope_freqs).to(self.inv_freq.device)
+        self._build(self.max_positions)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.int64, device=self.inv_freq.device).float()
+        freqs = torch.outer(t, self.inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cached", emb.cos(), persistent=False)
+        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: [T, Hq, D], k: [T, Hkv, D]
+        cos = self.cos_cached[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin_cached[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class MergedLinear(nn.Linear):
+    """A linear layer holding several checkpoint matrices stacked along the output dimension."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (off, size)
+            off += size
+
+    def load_shard(self, shard: str, param_name: str, tensor: torch.Tensor) -> None:
+        off, size = self.shard_offsets[shard]
+        target = getattr(self, param_name)
+        if tensor.shape[0] != size or tuple(tensor.shape[1:]) != tuple(target.shape[1:]):
+            raise ValueError(f"shard {shard}.{param_name}: expected {(size, *target.shape[1:])}, "
+                             f"got {tuple(tensor.shape)}")
+        with torch.no_grad():
+            target[off:off + size].copy_(tensor)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size,
+                                                          "v": self.kv_size}, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x, positions, rotary: RotaryEmbedding, backend: AttentionBackend,
+                meta: AttentionMetadata, kv_cache):
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        T = x.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": config.intermediate_size,
+                                                              "up": config.intermediate_size},
+                                         bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, backend, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, max_positions)
+
+
+# checkpoint parameter name fragment -> (fused module fragment, shard)
+_FUSED = {
+    ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", "gate"), ".up_proj.": (".gate_up_proj.", "up"),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+                meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flat batch of T tokens (no padding)."""
+        x = self.model.embed_tokens(input_ids)
+        rotary = self.model.rotary_emb
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, positions, rotary, backend, meta, kv)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into parameters; returns the names loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "rope_freqs":
+                self.model.rotary_emb.set_rope_freqs(tensor)
+                continue
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            for frag, (fused, shard) in _FUSED.items():
+                if frag in name:
+                    mod_name, pname = name.replace(frag, fused).rsplit(".", 1)
+                    self.get_submodule(mod_name).load_shard(shard, pname, tensor)
+                    loaded.add(f"{mod_name}.{pname}:{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+                p = params[name]
+                if tuple(p.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name}: expected {tuple(p.shape)}, got {tuple(tensor.shape)}")
+                with torch.no_grad():
+                    p.copy_(tensor)
+                loaded.add(name)
+        return loaded
+
+    def expected_weights(self) -> set[str]:
+        names = set()
+        for name, _ in self.named_parameters():
+            mod_name, pname = name.rsplit(".", 1)
+            mod = self.get_submodule(mod_name)
+            if isinstance(mod, MergedLinear):
+                names.update(f"{name}:{s}" for s in mod.shard_offsets)
+            else:
+                names.add(name)
+        return names

@@ -1,0 +1,328 @@
+"""Model loading: a GGUF file or a Hugging Face style folder -> LlamaForCausalLM + Tokenizer.
+
+GGUF tensors are dequantized to the model dtype with the `gguf` package; Llama-architecture
+GGUFs store q/k rows permuted for llama.cpp's interleaved RoPE, which is undone here so the
+weights match the HF (rotate-half) layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from metroline.errors import ModelLoadError
+from metroline.model.default import DEFAULT_MODEL_NAME, default_model_path
+from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
+from metroline.model.llama import LlamaConfig, LlamaForCausalLM
+
+SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                      "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "gguf" | "hf"
+    path: str
+    name: str  # served model name
+
+
+def resolve_model_source(model: str | None) -> ModelSource:
+    """None -> the default model; a .gguf file; a HF folder; else a hub id (needs a hub)."""
+    if model is None:
+        return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                return ModelSource("gguf", os.path.join(path, ggufs[0]), _stem(ggufs[0]))
+            raise ModelLoadError(f"{path} is not a model folder (no config.json or single .gguf)")
+        return ModelSource("hf", path, os.path.basename(os.path.normpath(path)))
+    if os.path.isfile(path):
+        return ModelSource("gguf", path, _stem(os.path.basename(path)))
+    if re.fullmatch(r"[\w-]+/[\w.-]+", model) and not model.endswith(".gguf"):
+        return ModelSource("hf", _download_from_hub(model), model)
+    raise ModelLoadError(f"model not found: {model} (no such file or folder, and not a hub id)")
+
+
+def _stem(name: str) -> str:
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def _download_from_hub(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    except Exception as e:
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------- GGUF
+
+def gguf_to_config(meta: dict) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHS)})")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    n_embd = int(get("embedding_length"))
+    n_head = int(get("attention.head_count"))
+    n_kv = get("attention.head_count_kv", n_head)
+    head_dim = int(get("attention.key_length", n_embd // n_head))
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    rope_scaling = None
+    kind = get("rope.scaling.type")
+    if kind and kind != "none":
+        rope_scaling = {"rope_type": kind, "factor": float(get("rope.scaling.factor", 1.0))}
+        if get("rope.scaling.original_context_length"):
+            rope_scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=n_embd, intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=n_head,
+        num_key_value_heads=int(n_kv), head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings=False,  # decided from the tensors present, see load_gguf
+        qkv_bias=arch == "qwen2", architecture=arch,
+    )
+
+
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_name_to_hf(name: str) -> str:
+    if name == "rope_freqs.weight":
+        return "rope_freqs"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    base, _, kind = name.rpartition(".")
+    if base in _GGUF_TOP:
+        return f"{_GGUF_TOP[base]}.{kind}"
+    raise ModelLoadError(f"unexpected tensor {name!r} in GGUF file")
+
+
+def _reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's converter interleaves the two rotary halves of every head's rows.
+    # Row r = h*dim + 2*i + j holds what HF keeps at h*dim + j*dim/2 + i.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_gguf_tensor(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 numpy, shape (rows, cols) in PyTorch order."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    qtype = tensor.tensor_type
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if qtype == Q.F32:
+        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+    if qtype == Q.F16:
+        return np.asarray(tensor.data).view(np.float16).astype(np.float32).reshape(shape)
+    try:
+        return dequantize(tensor.data, qtype).reshape(shape).astype(np.float32, copy=False)
+    except NotImplementedError:
+        raise ModelLoadError(f"unsupported quantization type {qtype.name} (tensor {tensor.name})") from None
+
+
+def iter_gguf_weights(reader, config: LlamaConfig, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+    for t in reader.tensors:
+        name = gguf_name_to_hf(t.name)
+        w = dequantize_gguf_tensor(t)
+        if config.architecture in ("llama", "mistral"):
+            if name.endswith("q_proj.weight"):
+                w = _reverse_llama_permute(w, config.num_attention_heads)
+            elif name.endswith("k_proj.weight"):
+                w = _reverse_llama_permute(w, config.num_key_value_heads)
+        if progress is not None:
+            progress.update(1)
+        yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+
+
+# ------------------------------------------------------------------------------ HF folder
+
+def hf_to_config(cfg: dict) -> LlamaConfig:
+    archs = cfg.get("architectures") or []
+    arch = next((SUPPORTED_HF_ARCHS[a] for a in archs if a in SUPPORTED_HF_ARCHS), None)
+    if arch is None:
+        mt = cfg.get("model_type")
+        arch = mt if mt in SUPPORTED_GGUF_ARCHS else None
+    if arch is None:
+        raise ModelLoadError(f"unsupported architecture {archs or cfg.get('model_type')!r} "
+                             f"(supported: {', '.join(SUPPORTED_HF_ARCHS)})")
+    n_head = cfg["num_attention_heads"]
+    attention_bias = bool(cfg.get("attention_bias", False))
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_scaling = cfg.get("rope_scaling") or None
+    if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+        rope_scaling = rope_params
+    return LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=n_head, num_key_value_heads=cfg.get("num_key_value_heads") or n_head,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else attention_bias,
+        o_bias=attention_bias and arch != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)), architecture=arch,
+    )
+
+
+def iter_safetensors_weights(path: str, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors files in {path}")
+    for f in files:
+        try:
+            with safe_open(os.path.join(path, f), framework="pt") as st:
+                for key in st.keys():
+                    if progress is not None:
+                        progress.update(1)
+                    yield key, st.get_tensor(key)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {f}: {e}") from None
+
+
+def _count_safetensors(path: str) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), framework="pt") as st:
+                n += len(list(st.keys()))
+    return n
+
+
+# ------------------------------------------------------------------------------- loading
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: "object"
+    config: LlamaConfig
+    source: ModelSource
+    weight_format: str  # what the file stores, e.g. "Q4_1", "bf16"
+    file_bytes: int
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # On CPUs without AMX bf16 matmuls run slower than fp32 (measured); GPUs use bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
+               max_model_len: int | None = None, show_progress: bool = True) -> LoadedModel:
+    from metroline.tokenizer import Tokenizer
+
+    source = resolve_model_source(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if source.kind == "gguf":
+        reader = open_gguf(source.path)
+        meta = read_gguf_metadata(reader)
+        config = gguf_to_config(meta)
+        names = {t.name for t in reader.tensors}
+        if "output.weight" not in names:
+            config = _replace(config, tie_word_embeddings=True)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        ftypes = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+        weight_format = "+".join(sorted(ftypes))
+        total = len(reader.tensors)
+        weights = lambda bar: iter_gguf_weights(reader, config, bar)  # noqa: E731
+        file_bytes = os.path.getsize(source.path)
+    else:
+        cfg_path = os.path.join(source.path, "config.json")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"cannot read {cfg_path}: {e}") from None
+        config = hf_to_config(cfg)
+        tokenizer = Tokenizer.from_hf_dir(source.path)
+        weight_format = str(cfg.get("torch_dtype") or cfg.get("dtype") or "unknown")
+        total = _count_safetensors(source.path)
+        weights = lambda bar: iter_safetensors_weights(source.path, bar)  # noqa: E731
+        file_bytes = sum(os.path.getsize(os.path.join(source.path, f))
+                         for f in os.listdir(source.path) if f.endswith(".safetensors"))
+    max_len = max_model_len or config.max_position_embeddings
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config, max_positions=max_len)
+    net = net.to_empty(device=dev).to(torch_dtype)
+    # Buffers computed at construction (rotary tables) were lost to the meta device.
+    net.model.rotary_emb.inv_freq = _fresh_inv_freq(config, dev)
+    net.model.rotary_emb._build(max_len)
+    with _progress(total, f"loading {source.name}", show_progress) as bar:
+        loaded = net.load_weights((n, t.to(dev, torch_dtype)) for n, t in weights(bar))
+    missing = net.expected_weights() - loaded
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    net.eval().requires_grad_(False)
+    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes)
+
+
+def _fresh_inv_freq(config: LlamaConfig, dev: torch.device) -> torch.Tensor:
+    from metroline.model.llama import rope_inv_freq
+
+    return rope_inv_freq(config).to(dev)
+
+
+def _replace(config: LlamaConfig, **kw) -> LlamaConfig:
+    from dataclasses import replace
+
+    return replace(config, **kw)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    # delay: no bar at all when loading takes less than a moment.
+    return tqdm(total=total, desc=desc, unit="tensor", delay=0.5, leave=False)
