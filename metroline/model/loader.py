@@ -284,6 +284,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     with torch.device("meta"):
         net = LlamaForCausalLM(config, max_positions=max_len)
     net = net.to_empty(device=dev).to(torch_dtype)
+    net.tie_weights()
     # Buffers computed at construction (rotary tables) were lost to the meta device.
     net.model.rotary_emb.inv_freq = _fresh_inv_freq(config, dev)
     net.model.rotary_emb._build(max_len)

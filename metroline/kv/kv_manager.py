@@ -1,0 +1,189 @@
+"""Per-request block tables over a BlockPool, with a hash-chained prefix cache.
+
+Block i of a request covers token positions [i*block_size, (i+1)*block_size). When block i is
+full of known token ids it gets the hash
+    h_i = hash_block_tokens(h_{i-1}, tokens[i*bs:(i+1)*bs], extra_keys_i)
+so equal hashes mean equal whole prefixes (and equal cache salt, which is mixed into h_0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Protocol, Sequence
+
+from metroline.kv.block_pool import BlockPool, KVBlock
+
+_HASH_BYTES = 16
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int],
+                      extra_keys: tuple = ()) -> int:
+    """A 128-bit hash, stable across processes and machines (unlike hash()).
+
+    extra_keys must be built from values with a stable repr: str, int, bytes, None, tuples.
+    """
+    h = hashlib.blake2b(digest_size=_HASH_BYTES)
+    h.update(b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(_HASH_BYTES, "little"))
+    h.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
+    if extra_keys:
+        h.update(repr(extra_keys).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+class Request(Protocol):
+    """What the manager reads of a request (kv/ does not import engine/)."""
+
+    request_id: str
+    num_computed_tokens: int
+    cache_salt: str | None
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]: ...
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Owns every request's block list (request_id -> list[KVBlock]).
+
+    Blocks are offered to the prefix cache at allocation time, before the forward pass that
+    writes them: this is safe because attention writes a step's KV for all tokens of a layer
+    before any token of that step reads it, so a same-step hit reads what is being written.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # Chained hashes of the request's full blocks of known tokens, extended incrementally.
+        self._block_hashes: dict[str, list[int]] = {}
+        # How many leading blocks of req_blocks have been offered to the cache.
+        self._num_cached_blocks: dict[str, int] = {}
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def block_hashes(self, request: Request) -> list[int]:
+        """Hashes of all full blocks of the request's known tokens (computed once per block)."""
+        hashes = self._block_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), request.num_tokens // bs):
+            # The salt only needs to enter the first block: the chain carries it onward.
+            extra = (request.cache_salt,) if i == 0 and request.cache_salt is not None else ()
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None,
+                                            request.token_ids_slice(i * bs, (i + 1) * bs), extra))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of full blocks, and its length in tokens.
+
+        At least one token is always left to compute, so that the step yields logits."""
+        if not self.enable_caching:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for h in self.block_hashes(request)[:max_blocks]:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: Sequence[KVBlock] = (),
+                       num_lookahead_tokens: int = 0) -> list[KVBlock] | None:
+        """Make room for num_computed_tokens + len(new_computed_blocks)*block_size
+        + num_new_tokens + num_lookahead_tokens slots.
+
+        Returns the newly allocated blocks, or None, having changed nothing, when the pool
+        cannot provide them.
+        """
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid, [])
+        assert not new_computed_blocks or (not blocks and request.num_computed_tokens == 0)
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_slots = num_computed + num_new_tokens + num_lookahead_tokens
+        num_needed = max(0, _cdiv(num_slots, self.block_size) - len(blocks) - len(new_computed_blocks))
+        # Touching a cache hit with ref_cnt 0 takes it out of the free queue too.
+        num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_needed + num_revived > self.pool.num_free_blocks:
+            return None
+
+        self.pool.touch(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(num_needed)
+        assert new_blocks is not None
+        blocks = self.req_blocks.setdefault(rid, blocks)
+        blocks.extend(new_computed_blocks)
+        blocks.extend(new_blocks)
+
+        if self.enable_caching:
+            # Only tokens whose ids are known can be hashed; lookahead slots never are.
+            num_full = min(request.num_tokens, num_computed + num_new_tokens) // self.block_size
+            start = self._num_cached_blocks.get(rid, 0)
+            if num_full > start:
+                hashes = self.block_hashes(request)
+                for i in range(start, num_full):
+                    self.pool.cache_full_block(blocks[i], hashes[i])
+                self._num_cached_blocks[rid] = num_full
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Release all of the request's blocks (cached ones stay findable until evicted)."""
+        rid = request.request_id
+        self.pool.free_blocks(self.req_blocks.pop(rid, []))
+        self._block_hashes.pop(rid, None)
+        self._num_cached_blocks.pop(rid, None)
+
+    def rollback(self, request: Request, num_tokens: int) -> int:
+        """Forget the last num_tokens computed slots of a running request (rejected speculative
+        tokens), after the forward that wrote them. Sets and returns num_computed_tokens.
+
+        Blocks past the new end are freed; those only this request used are un-cached, since
+        their slots will be rewritten. A shared block is never written into: if the new end
+        falls inside one, the end moves back to its start and the block is released instead.
+        """
+        assert 0 <= num_tokens <= request.num_computed_tokens and (
+            num_tokens == 0 or request.request_id in self.req_blocks)
+        rid = request.request_id
+        bs = self.block_size
+        blocks = self.req_blocks.get(rid, [])
+        keep = request.num_computed_tokens - num_tokens
+        if keep % bs and blocks[keep // bs].ref_cnt > 1:
+            keep -= keep % bs
+        num_keep = _cdiv(keep, bs)
+        for i in range(keep // bs, len(blocks)):
+            if blocks[i].ref_cnt == 1:
+                self.pool.uncache_block(blocks[i])
+        self.pool.free_blocks(blocks[num_keep:])
+        del blocks[num_keep:]
+        del self._block_hashes.setdefault(rid, [])[keep // bs:]
+        self._num_cached_blocks[rid] = min(self._num_cached_blocks.get(rid, 0), keep // bs)
+        request.num_computed_tokens = keep
+        return keep
