@@ -49,9 +49,11 @@ class AttentionBackend:
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
                           num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                           device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Uninitialised on purpose (the pages are only touched as blocks fill): no slot is read
+        # before it is written, since padded decode slots point at a sequence's own first token.
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=device),
-                 torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        return [(torch.empty(shape, dtype=dtype, device=device),
+                 torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
 
     def build_metadata(self, seqs: Sequence[SeqInfo], block_size: int,
                        device: torch.device) -> AttentionMetadata:

@@ -47,7 +47,9 @@ def resolve_model_source(model: str | None) -> ModelSource:
         return ModelSource("hf", path, os.path.basename(os.path.normpath(path)))
     if os.path.isfile(path):
         return ModelSource("gguf", path, _stem(os.path.basename(path)))
-    if re.fullmatch(r"[\w-]+/[\w.-]+", model) and not model.endswith(".gguf"):
+    if path.endswith(".gguf") or path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model file not found: {model}")
+    if re.fullmatch(r"[\w-]+/[\w.-]+", model):
         return ModelSource("hf", _download_from_hub(model), model)
     raise ModelLoadError(f"model not found: {model} (no such file or folder, and not a hub id)")
 
@@ -129,19 +131,23 @@ def _reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def dequantize_gguf_tensor(tensor) -> np.ndarray:
     """A GGUF tensor as float32 numpy, shape (rows, cols) in PyTorch order."""
+    from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
     qtype = tensor.tensor_type
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if qtype == Q.F32:
-        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+        return tensor.data.view(np.float32).reshape(shape)
     if qtype == Q.F16:
-        return np.asarray(tensor.data).view(np.float16).astype(np.float32).reshape(shape)
+        return tensor.data.view(np.float16).astype(np.float32).reshape(shape)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    row_bytes = int(tensor.shape[0]) // block * type_size
     try:
-        return dequantize(tensor.data, qtype).reshape(shape).astype(np.float32, copy=False)
+        out = dequantize(tensor.data.reshape(-1, row_bytes), qtype)
     except NotImplementedError:
         raise ModelLoadError(f"unsupported quantization type {qtype.name} (tensor {tensor.name})") from None
+    return out.reshape(shape).astype(np.float32, copy=False)
 
 
 def iter_gguf_weights(reader, config: LlamaConfig, progress=None) -> Iterator[tuple[str, torch.Tensor]]:

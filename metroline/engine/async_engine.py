@@ -1,0 +1,154 @@
+"""AsyncEngine: the engine loop in a background thread, an asyncio front for servers and agents.
+
+The loop thread owns the EngineCore; nothing else touches it. Callers talk to it through a
+command queue (add, abort) and get outputs back on per-request asyncio queues. An add is
+validated in the loop thread and its error comes back to the caller, so bad input raises
+where it was submitted and never reaches a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from metroline.engine.core import EngineCore
+from metroline.engine.request import RequestOutput, SamplingParams
+
+logger = logging.getLogger("metroline.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died; no request can be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, *, idle_wait_s: float = 0.05):
+        self.core = core
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="metroline-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_error is None and self._thread.is_alive()
+
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ front
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, **hints) -> AsyncIterator[RequestOutput]:
+        """Submit a request and iterate over its output deltas until it finishes.
+
+        Raises InvalidRequestError / QueueFullError at submission. Closing the iterator early
+        (a client that went away, a cancelled task) aborts the request and frees its KV.
+        """
+        if not self.is_alive:
+            raise EngineDeadError(f"engine is not running: {self.dead_error!r}")
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put(("add", rid, (prompt_token_ids, params, hints, stream), fut))
+        await asyncio.wrap_future(fut)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id, None, None))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._cmds.put(("wake", None, None, None))
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------- loop
+
+    def _handle(self, cmd) -> None:
+        kind, rid, payload, fut = cmd
+        if kind == "add":
+            prompt, params, hints, stream = payload
+            try:
+                self.core.add_request(rid, prompt, params, **hints)
+            except BaseException as e:
+                fut.set_exception(e)
+                return
+            self._streams[rid] = stream
+            fut.set_result(None)
+        elif kind == "abort":
+            self.core.abort_request(rid)
+            self._streams.pop(rid, None)
+
+    def _deliver(self, out) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            self._streams.pop(out.request_id, None)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                # Block only when idle; while busy, drain commands between steps.
+                if not self.core.has_unfinished_requests():
+                    try:
+                        self._handle(self._cmds.get(timeout=self._idle_wait_s))
+                    except queue.Empty:
+                        continue
+                while True:
+                    try:
+                        self._handle(self._cmds.get_nowait())
+                    except queue.Empty:
+                        break
+                if self.core.has_unfinished_requests():
+                    for out in self.core.step():
+                        self._deliver(out)
+        except BaseException as e:  # engine death: report it truthfully and fail every stream
+            logger.exception("engine loop died")
+            self.dead_error = e
+            err = EngineDeadError(f"engine loop died: {type(e).__name__}: {e}")
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+            self._streams.clear()
+            while True:
+                try:
+                    _, _, _, fut = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if fut is not None and not fut.done():
+                    fut.set_exception(err)
