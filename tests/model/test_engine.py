@@ -1,0 +1,188 @@
+"""The engine core on the real model: continuous batching must not change what is generated."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from metroline.config import CacheConfig, SchedulerConfig
+from metroline.datasets import iter_sharegpt
+from metroline.engine.core import EngineCore
+from metroline.engine.llm import accumulate
+from metroline.engine.request import SamplingParams
+
+
+def _engine(loaded, num_blocks=512, **sched) -> EngineCore:
+    return EngineCore(loaded, CacheConfig(num_blocks=num_blocks, block_size=16),
+                      SchedulerConfig(**sched))
+
+
+def _run(core: EngineCore, arrivals: dict[int, list[tuple]]) -> dict:
+    """Drive the step loop; `arrivals[step]` = [(id, prompt_ids, params)] added before that step."""
+    results: dict = {}
+    for step in itertools.count():
+        for rid, ids, params in arrivals.get(step, []):
+            core.add_request(rid, ids, params)
+        if step > max(arrivals) and not core.has_unfinished_requests():
+            break
+        for out in core.step():
+            results[out.request_id] = accumulate(results.get(out.request_id), out)
+        assert step < 5000, "engine did not finish"
+    return results
+
+
+def _assert_pool_empty(core: EngineCore) -> None:
+    assert core.kv_manager.num_free_blocks == core.num_blocks
+    assert not core.scheduler.has_unfinished_requests()
+    assert not core.groups
+
+
+@pytest.fixture(scope="module")
+def sharegpt_prompts(default_loaded):
+    """32 prompts of mixed lengths (4..~400 tokens) from real ShareGPT conversations."""
+    tok = default_loaded.tokenizer
+    lengths = [4, 9, 17, 33, 60, 120, 250, 400] * 4
+    prompts = []
+    for rec, n in zip((r for r in iter_sharegpt(limit=200) if r["conversations"]), lengths * 100):
+        ids = tok.encode(rec["conversations"][0]["value"])
+        if len(ids) >= n:
+            prompts.append(ids[:n])
+        if len(prompts) == 32:
+            break
+    assert len(prompts) == 32
+    return prompts
+
+
+@pytest.mark.slow
+def test_batched_equals_solo_with_preemption_and_chunked_prefill(default_loaded, sharegpt_prompts):
+    greedy = [SamplingParams(temperature=0, max_tokens=6 + (i % 4) * 4, ignore_eos=True)
+              for i in range(32)]
+    solo_core = _engine(default_loaded, num_blocks=64)
+    solo = {}
+    for i, (ids, p) in enumerate(zip(sharegpt_prompts, greedy)):
+        solo.update(_run(solo_core, {0: [(f"r{i}", ids, p)]}))
+    _assert_pool_empty(solo_core)
+
+    # A pool of 48 blocks (768 tokens) cannot hold the running set, and a step budget of 96
+    # tokens splits every long prompt: both preemption and chunked prefill must happen.
+    core = _engine(default_loaded, num_blocks=48, max_num_batched_tokens=96, max_num_seqs=16)
+    arrivals: dict[int, list] = {}
+    for i, (ids, p) in enumerate(zip(sharegpt_prompts, greedy)):
+        arrivals.setdefault((i // 3) * 2, []).append((f"r{i}", ids, p))
+    batched = _run(core, arrivals)
+    assert core.scheduler.num_preemptions > 0
+    assert core.scheduler.num_prefill_chunks > 0
+    for i in range(32):
+        b, s = batched[f"r{i}"].outputs[0], solo[f"r{i}"].outputs[0]
+        assert b.token_ids == s.token_ids, f"request {i} diverged"
+        assert b.text == s.text
+        assert b.finish_reason == "length"
+    _assert_pool_empty(core)
+
+
+def test_abort_frees_blocks_and_others_continue(default_loaded):
+    core = _engine(default_loaded, num_blocks=64)
+    tok = default_loaded.tokenizer
+    core.add_request("a", tok.encode("Tell me a long story about a dragon."),
+                     SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    core.add_request("b", tok.encode("Count to ten:"), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for _ in range(4):
+        core.step()
+    assert core.kv_manager.num_free_blocks < core.num_blocks
+    core.abort_request("a")
+    assert core.kv_manager.get_block_ids("a") == []
+    res = _run(core, {0: []})
+    assert "a" not in res
+    assert res["b"].finished and res["b"].outputs[0].finish_reason == "length"
+    _assert_pool_empty(core)
+
+
+def test_seeded_sampling_independent_of_batch(default_loaded):
+    tok = default_loaded.tokenizer
+    ids = tok.encode("Write a haiku about autumn.")
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = _run(_engine(default_loaded), {0: [("x", ids, seeded)]})["x"].outputs[0].token_ids
+    others = [(f"o{i}", tok.encode(f"Story number {i}:"),
+               SamplingParams(temperature=1.0, max_tokens=10 + i, ignore_eos=True)) for i in range(5)]
+    crowd = _run(_engine(default_loaded), {0: others[:3], 1: [("x", ids, seeded)], 2: others[3:]})
+    assert crowd["x"].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=16, ignore_eos=True)
+    assert _run(_engine(default_loaded), {0: [("y", ids, other_seed)]})["y"].outputs[0].token_ids != alone
+
+
+def test_stop_string_across_token_boundary(default_loaded):
+    tok = default_loaded.tokenizer
+    ids = tok.encode("The capital of France is")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = _run(_engine(default_loaded), {0: [("f", ids, params)]})["f"].outputs[0]
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    # A stop string made of the end of one token and the start of the next.
+    k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) >= 2 and pieces[i].strip())
+    stop = pieces[k - 1][-2:] + pieces[k][:2]
+    prefix = "".join(pieces[:k - 1]) + pieces[k - 1][:-2]
+    assert full.text.find(stop) == len(prefix)
+    core = _engine(default_loaded)
+    for include in (False, True):
+        p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                           include_stop_str_in_output=include)
+        core.add_request(f"s{include}", ids, p)
+        deltas = []
+        while core.has_unfinished_requests():
+            deltas += [o for o in core.step() if o.request_id == f"s{include}"]
+        text = "".join(d.outputs[0].text for d in deltas)
+        assert text == prefix + (stop if include else "")
+        assert deltas[-1].outputs[0].finish_reason == "stop"
+        assert deltas[-1].outputs[0].stop_reason == stop
+    _assert_pool_empty(core)
+
+
+def test_n_samples_share_prompt_blocks(default_loaded):
+    tok = default_loaded.tokenizer
+    ids = tok.encode("A list of fruits: apple, banana, cherry, " * 6)
+    assert len(ids) > 48
+    core = _engine(default_loaded, num_blocks=64)
+    core.add_request("g", ids, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))
+    seen_shared = False
+    results = {}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            results[out.request_id] = accumulate(results.get(out.request_id), out)
+        tables = [core.kv_manager.get_block_ids(f"g#{i}") for i in range(3)]
+        full = len(ids) // 16
+        if all(len(t) >= full for t in tables):
+            assert tables[0][:full] == tables[1][:full] == tables[2][:full]
+            seen_shared = True
+    assert seen_shared
+    outs = results["g"].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    _assert_pool_empty(core)
+
+
+def test_logprobs_and_finish_reasons(default_llm):
+    out = default_llm.generate("Hello, my name is",
+                               SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    assert len(out.logprobs) == 5
+    for tok_id, lp, top in zip(out.token_ids, (x[1] for x in out.logprobs), (x[2] for x in out.logprobs)):
+        assert len(top) == 3 and top[0][0] == tok_id and abs(top[0][1] - lp) < 1e-6
+        assert top[0][1] >= top[1][1] >= top[2][1]
+    chat = default_llm.chat([{"role": "user", "content": "Say hi."}],
+                            SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
+    assert chat.finish_reason == "stop" and chat.stop_reason is None  # ended by EOS (<|im_end|>)
+
+
+def test_rejects_prompt_that_can_never_fit(default_loaded):
+    from metroline.errors import InvalidRequestError
+
+    core = _engine(default_loaded, num_blocks=8)  # 128 tokens of KV
+    with pytest.raises(InvalidRequestError) as e:
+        core.add_request("big", list(range(100, 300)), SamplingParams(max_tokens=4))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequestError) as e:
+        core.add_request("long", list(range(100, 200)), SamplingParams(max_tokens=100))
+    assert e.value.code == "context_length_exceeded"
+    _assert_pool_empty(core)
