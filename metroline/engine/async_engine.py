@@ -44,6 +44,8 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
         self.dead_error: BaseException | None = None
+        # Set by the loop thread when it stops (death or shutdown), before it fails what is left.
+        self._closed_error: EngineDeadError | None = None
         self._thread = threading.Thread(target=self._loop, name="metroline-engine", daemon=True)
         self._thread.start()
 
@@ -53,7 +55,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_error is None and self._thread.is_alive()
+        return self._closed_error is None and self.dead_error is None and self._thread.is_alive()
 
     def num_requests(self) -> int:
         return len(self._streams)
@@ -68,12 +70,22 @@ class AsyncEngine:
         (a client that went away, a cancelled task) aborts the request and frees its KV.
         """
         if not self.is_alive:
-            raise EngineDeadError(f"engine is not running: {self.dead_error!r}")
+            raise EngineDeadError(str(self._closed_error) if self._closed_error
+                                  else f"engine is not running: {self.dead_error!r}")
         rid = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._cmds.put(("add", rid, (prompt_token_ids, params, hints, stream), fut))
-        await asyncio.wrap_future(fut)
+        if self._closed_error is not None:
+            # The loop stopped meanwhile: it may have drained the queue before our add landed.
+            _fail_future(fut, self._closed_error)
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            # Cancelled while the add was in flight: if the loop still applies it, abort it then
+            # (an add it never ran, or one that failed, is left alone: its id may be another's).
+            self._cmds.put(("abort", rid, fut, None))
+            raise
         finished = False
         try:
             while True:
@@ -102,6 +114,8 @@ class AsyncEngine:
         kind, rid, payload, fut = cmd
         if kind == "add":
             prompt, params, hints, stream = payload
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller gave up (cancelled) before we got to it
             try:
                 self.core.add_request(rid, prompt, params, **hints)
             except BaseException as e:
@@ -110,6 +124,10 @@ class AsyncEngine:
             self._streams[rid] = stream
             fut.set_result(None)
         elif kind == "abort":
+            add_fut = payload  # set when aborting an add that was cancelled in flight
+            if add_fut is not None and (not add_fut.done() or add_fut.cancelled()
+                                        or add_fut.exception() is not None):
+                return
             self.core.abort_request(rid)
             self._streams.pop(rid, None)
 
@@ -119,7 +137,10 @@ class AsyncEngine:
             return
         if out.finished:
             self._streams.pop(out.request_id, None)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        if not _post(stream, out) and not out.finished:
+            # The caller's event loop is closed: nobody will read this stream again.
+            self._streams.pop(out.request_id, None)
+            self.core.abort_request(out.request_id)
 
     def _loop(self) -> None:
         try:
@@ -141,14 +162,41 @@ class AsyncEngine:
         except BaseException as e:  # engine death: report it truthfully and fail every stream
             logger.exception("engine loop died")
             self.dead_error = e
-            err = EngineDeadError(f"engine loop died: {type(e).__name__}: {e}")
-            for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
-            self._streams.clear()
-            while True:
+            self._close(EngineDeadError(f"engine loop died: {type(e).__name__}: {e}"))
+        else:  # shutdown: abort what is still running (freeing its KV) and fail its streams
+            for rid in list(self._streams):
                 try:
-                    _, _, _, fut = self._cmds.get_nowait()
-                except queue.Empty:
-                    break
-                if fut is not None and not fut.done():
-                    fut.set_exception(err)
+                    self.core.abort_request(rid)
+                except Exception:
+                    logger.exception("abort of %s at shutdown failed", rid)
+            self._close(EngineDeadError("the engine was shut down"))
+
+    def _close(self, err: EngineDeadError) -> None:
+        self._closed_error = err  # before draining: see generate()
+        for stream in list(self._streams.values()):
+            _post(stream, err)
+        self._streams.clear()
+        while True:
+            try:
+                _, _, _, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if fut is not None:
+                _fail_future(fut, err)
+
+
+def _post(stream: _Stream, item) -> bool:
+    """Hand an item to a stream's event loop; False when that loop is closed."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _fail_future(fut: concurrent.futures.Future, err: BaseException) -> None:
+    try:
+        if not fut.done():
+            fut.set_exception(err)
+    except concurrent.futures.InvalidStateError:
+        pass  # completed or cancelled meanwhile by the other thread

@@ -77,7 +77,8 @@ class SamplingParams:
                "min_tokens")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                "min_tokens must not exceed max_tokens", "min_tokens")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+        _check(self.logprobs is None
+               or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
         _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer", "seed")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",

@@ -38,7 +38,10 @@ class Sampler:
         g = self._generators.get(req.request_id)
         if g is None:
             # Siblings of an n > 1 request get distinct but reproducible streams.
-            g = torch.Generator().manual_seed(req.sampling_params.seed + 1_000_003 * req.sample_index)
+            # Any Python int is a valid seed: reduce it to the generator's 64-bit range (a negative
+            # seed already maps there the same way), so a huge one cannot fail the step.
+            seed = (req.sampling_params.seed + 1_000_003 * req.sample_index) % 2**64
+            g = torch.Generator().manual_seed(seed)
             self._generators[req.request_id] = g
         return g
 
@@ -48,7 +51,8 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[SampleResult]:
         B, V = logits.shape
-        logits = logits.float()
+        # Work on a float32 copy: the caller's tensor is never modified.
+        logits = logits.to(torch.float32, copy=True)
         params = [r.sampling_params for r in reqs]
         for i, (r, sp) in enumerate(zip(reqs, params)):
             for proc in sp.logits_processors:
@@ -76,9 +80,13 @@ class Sampler:
             sub = sub / temps.unsqueeze(1)
             sub = self._filter(sub, [params[i] for i in sample_rows])
             probs = torch.softmax(sub, dim=-1)
-            noise = torch.empty_like(probs)
+            # The generators live on the CPU (a CUDA tensor cannot draw from a CPU generator),
+            # which also makes a seeded request draw the same tokens on any device.
+            noise = torch.empty(probs.shape, dtype=torch.float32)
             for j, i in enumerate(sample_rows):
                 noise[j].exponential_(generator=self._generator(reqs[i]))
+            # A zero draw would give 0 / 0 = NaN on a filtered-out token, and argmax picks NaN.
+            noise = noise.clamp_min_(torch.finfo(torch.float32).tiny).to(probs.device)
             tokens[idx] = (probs / noise).argmax(dim=-1)
 
         tok_list = tokens.tolist()
@@ -123,13 +131,16 @@ class Sampler:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             V = logits.shape[1]
             top_k = torch.tensor([sp.top_k if sp.top_k > 0 else V for sp in params], device=logits.device)
-            top_p = torch.tensor([sp.top_p for sp in params], device=logits.device)
             ranks = torch.arange(V, device=logits.device).unsqueeze(0)
-            remove = ranks >= top_k.unsqueeze(1)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-            remove |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+            if any(sp.top_p < 1.0 for sp in params):
+                # top-p sees the distribution that top-k left (renormalized), as in HF and vLLM.
+                # Keep the smallest prefix whose mass reaches top_p (the top token always stays);
+                # a row with top_p = 1 keeps everything, whatever the rounding of the cumsum.
+                top_p = torch.tensor([sp.top_p for sp in params], device=logits.device).unsqueeze(1)
+                probs = torch.softmax(sorted_logits, dim=-1)
+                remove = ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1.0)
+                sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         min_p = [sp.min_p for sp in params]
         if any(m > 0 for m in min_p):
