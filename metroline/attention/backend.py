@@ -120,18 +120,14 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
         nd = meta.num_decode_tokens
         if nd:
             B, L = meta.decode_slots.shape
-            G = Hq // Hkv
-            kd = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            qd = q[:nd].view(B, Hkv, G, D)
-            scores = torch.matmul(qd, kd) * scale  # [B, Hkv, G, L]
-            scores = scores.float().masked_fill(~meta.decode_mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out[:nd] = torch.matmul(probs, vd).reshape(B, Hq, D)
+            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
+                                               scale=scale, enable_gqa=True)  # [B, Hq, 1, D]
+            out[:nd] = o.squeeze(2)
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [Hq, Lq, D]
             if p.kv_slots is None:

@@ -54,6 +54,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; bit-identical to the composite below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, as the reference implementation does.
         dtype = x.dtype
         x = x.float()
@@ -109,16 +111,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", emb.cos(), persistent=False)
         self.register_buffer("sin_cached", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, Hq, D], k: [T, Hkv, D]
-        cos = self.cos_cached[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cached[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] tables for the step's positions; computed once per step, used by every layer."""
+        return (self.cos_cached[positions].unsqueeze(1).to(dtype),
+                self.sin_cached[positions].unsqueeze(1).to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on [T, H, D] (q and k heads together, to halve the op count)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class MergedLinear(nn.Linear):
@@ -155,15 +157,14 @@ class LlamaAttention(nn.Module):
                                                           "v": self.kv_size}, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, backend: AttentionBackend,
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata, kv_cache):
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         T = x.shape[0]
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qk, *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -190,8 +191,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, backend, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta, kv_cache)
+    def forward(self, x, rope, backend, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -228,13 +229,14 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of T tokens (no padding)."""
         x = self.model.embed_tokens(input_ids)
-        rotary = self.model.rotary_emb
+        rope = self.model.rotary_emb.cos_sin(positions, x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, rotary, backend, meta, kv)
+            x = layer(x, rope, backend, meta, kv)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters; returns the names loaded."""
