@@ -120,12 +120,16 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file not found: {path}")
+    with open(path, "rb") as f:  # before mmap, which fails on an empty file
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ModelLoadError(f"not a GGUF file (bad magic): {path}")
     try:
         return GGUFFile(path)
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+        detail = " ".join(str(e).split())  # one line, as every ModelLoadError
+        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {detail}") from None
 
 
 def read_gguf_metadata(reader: GGUFFile) -> dict[str, Any]:

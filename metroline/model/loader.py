@@ -66,7 +66,12 @@ def _download_from_hub(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
     except Exception as e:
-        raise ModelLoadError(f"cannot fetch {repo_id!r} from the hub: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the hub: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: object) -> str:
+    """An exception's message on one line (ModelLoadError messages are printed as one line)."""
+    return " ".join(str(e).split())
 
 
 # ----------------------------------------------------------------------------------- GGUF
@@ -82,7 +87,8 @@ def gguf_to_config(meta: dict) -> LlamaConfig:
     n_embd = int(get("embedding_length"))
     n_head = int(get("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_head)
-    head_dim = int(get("attention.key_length", n_embd // n_head))
+    # key_length when the converter wrote it, else the rotary dimension (full rotary in these archs).
+    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or n_embd // n_head)
     vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     rope_scaling = None
     kind = get("rope.scaling.type")
@@ -154,10 +160,10 @@ def iter_gguf_weights(reader, config: LlamaConfig, progress=None) -> Iterator[tu
     for t in reader.tensors:
         name = gguf_name_to_hf(t.name)
         w = dequantize_gguf_tensor(t)
-        if config.architecture in ("llama", "mistral"):
-            if name.endswith("q_proj.weight"):
+        if config.architecture in ("llama", "mistral"):  # the converter permutes q/k biases too
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
                 w = _reverse_llama_permute(w, config.num_attention_heads)
-            elif name.endswith("k_proj.weight"):
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 w = _reverse_llama_permute(w, config.num_key_value_heads)
         if progress is not None:
             progress.update(1)
@@ -175,26 +181,56 @@ def hf_to_config(cfg: dict) -> LlamaConfig:
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {archs or cfg.get('model_type')!r} "
                              f"(supported: {', '.join(SUPPORTED_HF_ARCHS)})")
-    n_head = cfg["num_attention_heads"]
+
+    def need(key: str):
+        value = cfg.get(key)
+        if value is None:
+            raise ModelLoadError(f"config.json has no {key!r} (architecture {arch})")
+        return value
+
+    n_head = need("num_attention_heads")
     attention_bias = bool(cfg.get("attention_bias", False))
     rope_params = cfg.get("rope_parameters") or {}
     rope_scaling = cfg.get("rope_scaling") or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = rope_params
+    max_pos = cfg.get("max_position_embeddings") or 2048
+    extra = {}
+    window = _sliding_window(cfg, arch)
+    if window is not None and window < max_pos:
+        # Attention here has no sliding window, so past it our logits would differ from the
+        # model's: the context stops at the window instead.
+        extra["sliding_window"] = window
+        max_pos = window
     return LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"), num_hidden_layers=need("num_hidden_layers"),
         num_attention_heads=n_head, num_key_value_heads=cfg.get("num_key_value_heads") or n_head,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        head_dim=cfg.get("head_dim") or need("hidden_size") // n_head,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
         rope_scaling=rope_scaling,
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=True if arch == "qwen2" else attention_bias,
         o_bias=attention_bias and arch != "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)), architecture=arch,
+        mlp_bias=bool(cfg.get("mlp_bias", False)), architecture=arch, extra=extra,
     )
+
+
+def _sliding_window(cfg: dict, arch: str) -> int | None:
+    """The attention window of a config whose layers (any of them) use one, as transformers reads it."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        return int(window) if "sliding_attention" in layer_types else None
+    if arch == "qwen2":  # sliding only when enabled, and only from layer max_window_layers on
+        n_layers = cfg.get("num_hidden_layers") or 0
+        uses = cfg.get("use_sliding_window") and cfg.get("max_window_layers", n_layers) < n_layers
+        return int(window) if uses else None
+    return int(window)
 
 
 def iter_safetensors_weights(path: str, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -266,6 +302,11 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         names = {t.name for t in reader.tensors}
         if "output.weight" not in names:
             config = _replace(config, tie_word_embeddings=True)
+        # Llama-architecture GGUFs of checkpoints with attention biases carry them as tensors.
+        if "blk.0.attn_q.bias" in names and not config.qkv_bias:
+            config = _replace(config, qkv_bias=True)
+        if "blk.0.attn_output.bias" in names:
+            config = _replace(config, o_bias=True)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         ftypes = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
         weight_format = "+".join(sorted(ftypes))
@@ -286,7 +327,10 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         weights = lambda bar: iter_safetensors_weights(source.path, bar)  # noqa: E731
         file_bytes = sum(os.path.getsize(os.path.join(source.path, f))
                          for f in os.listdir(source.path) if f.endswith(".safetensors"))
+    _check_rope(config)
     max_len = max_model_len or config.max_position_embeddings
+    if "sliding_window" in config.extra:
+        max_len = min(max_len, config.extra["sliding_window"])
     with torch.device("meta"):
         net = LlamaForCausalLM(config, max_positions=max_len)
     net = net.to_empty(device=dev).to(torch_dtype)
@@ -295,12 +339,26 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     net.model.rotary_emb.inv_freq = _fresh_inv_freq(config, dev)
     net.model.rotary_emb._build(max_len)
     with _progress(total, f"loading {source.name}", show_progress) as bar:
-        loaded = net.load_weights((n, t.to(dev, torch_dtype)) for n, t in weights(bar))
+        # rope_freqs (scaled RoPE factors) stay fp32: they divide the fp32 inverse frequencies.
+        tensors = ((n, t.to(dev, torch.float32 if n == "rope_freqs" else torch_dtype)) for n, t in weights(bar))
+        try:
+            loaded = net.load_weights(tensors)
+        except (KeyError, ValueError) as e:  # unexpected name or wrong shape
+            raise ModelLoadError(f"bad checkpoint {source.path}: {_one_line(e.args[0] if e.args else e)}") from None
     missing = net.expected_weights() - loaded
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
     net.eval().requires_grad_(False)
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes)
+
+
+def _check_rope(config: LlamaConfig) -> None:
+    from metroline.model.llama import rope_inv_freq
+
+    try:
+        rope_inv_freq(config)
+    except ValueError as e:
+        raise ModelLoadError(f"{e} (supported: default, linear, llama3)") from None
 
 
 def _fresh_inv_freq(config: LlamaConfig, dev: torch.device) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Session fixtures shared by every test folder: the default model, loaded once.
+
+* `default_loaded`   metroline's LoadedModel of the default GGUF (SmolLM2-135M-Instruct, Q4_1).
+* `default_llm`      an offline `LLM` over that same LoadedModel (small KV cache: 512 blocks).
+* `hf_default_model` transformers' model of the same GGUF (dequantized to fp32): the reference.
+  Loading it takes ~25 s, so it is created lazily, only when a test asks for it.
+
+All three are session-scoped: fixtures are built on first use and shared by every later test.
+Long tests are marked `@pytest.mark.slow` (the marker is declared in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_loaded():
+    """metroline.model.loader.load_model(None): the default model, on CPU unless CUDA is present."""
+    from metroline.model.loader import load_model
+
+    return load_model(None, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_loaded):
+    """An `LLM` sharing `default_loaded` (no second load); 512 blocks x 16 tokens of KV cache."""
+    from metroline.engine.llm import LLM
+
+    return LLM(loaded=default_loaded, num_blocks=512, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers' AutoModelForCausalLM of the default GGUF, fp32, eval mode, on CPU."""
+    transformers = pytest.importorskip("transformers")
+    from metroline.model.default import default_model_path
+
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
