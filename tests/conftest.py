@@ -17,6 +17,14 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # The suite runs the engine loop, servers and clients as threads of one process on a
+    # 2-core machine: torch's OpenMP workers spin-wait and collapse (4-10x slower) when those
+    # threads take a core. One intra-op thread keeps every test's timing sane; benchmarks,
+    # not tests, measure speed. METROLINE_TEST_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("METROLINE_TEST_THREADS", "1")))
+
+
 @pytest.fixture(scope="session")
 def default_loaded():
     """metroline.model.loader.load_model(None): the default model, on CPU unless CUDA is present."""
