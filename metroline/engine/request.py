@@ -136,6 +136,7 @@ class Request:
         cache_salt: str | None = None,
         group_id: str | None = None,
         sample_index: int = 0,
+        kv_retention_s: float | None = None,
     ):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -146,6 +147,8 @@ class Request:
         self.arrival_seq = next(_arrival_counter)
         self.priority = priority  # lower value = served first (as in vLLM)
         self.session_id = session_id
+        # With a session_id: keep this turn's KV pinned this long after it finishes.
+        self.kv_retention_s = kv_retention_s
         self.program_id = program_id
         self.cache_salt = cache_salt
         self.group_id = group_id or request_id

@@ -103,6 +103,7 @@ class Scheduler:
         """Pick this step's work: running requests first (decodes, ongoing prefill chunks),
         preempting when the pool says no, then admit waiting ones while budget allows."""
         out = SchedulerOutput()
+        self.kv.expire_pins(time.monotonic())
         budget = self.config.max_num_batched_tokens
         # Sorted so the lowest-priority request (the preemption victim) is always last and
         # therefore never one already scheduled in this step.
@@ -169,6 +170,9 @@ class Scheduler:
             if self.kv.allocate_slots(req, num_new, hits, self.num_lookahead_tokens) is None:
                 break
             self.waiting.popleft()
+            if req.session_id is not None:
+                # The new turn now holds its own references: the session's pin has done its job.
+                self.kv.release_session(req.session_id)
             if req.num_preemptions == 0 and req.num_output_tokens == 0:
                 req.num_cached_tokens = num_hit_tokens
             req.num_computed_tokens = num_hit_tokens
@@ -274,6 +278,9 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         req.status = status
+        if (req.session_id is not None and req.kv_retention_s
+                and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)):
+            self.kv.pin_session(req, req.session_id, time.monotonic() + req.kv_retention_s)
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         if self._group_leaders.get(req.group_id) is req:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from metroline.kv.block_pool import BlockPool, KVBlock
@@ -48,6 +50,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class SessionPin:
+    """Blocks of a finished turn held (one reference each) so the next turn finds them even
+    under memory pressure, until `expires_at` (time.monotonic), the next turn, or a release."""
+
+    session_id: str
+    blocks: list[KVBlock]
+    expires_at: float
+
+
 class KVCacheManager:
     """Owns every request's block list (request_id -> list[KVBlock]).
 
@@ -56,7 +68,8 @@ class KVCacheManager:
     before any token of that step reads it, so a same-step hit reads what is being written.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 max_pinned_fraction: float = 0.25):
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
@@ -67,6 +80,10 @@ class KVCacheManager:
         self._num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
+        # Session pins, oldest first; together they never hold more than max_pinned_blocks.
+        self.pins: OrderedDict[str, SessionPin] = OrderedDict()
+        self.max_pinned_blocks = int(num_blocks * max_pinned_fraction) if enable_caching else 0
+        self.num_pinned_blocks = 0
 
     @property
     def num_total_blocks(self) -> int:
@@ -187,3 +204,42 @@ class KVCacheManager:
         self._num_cached_blocks[rid] = min(self._num_cached_blocks.get(rid, 0), keep // bs)
         request.num_computed_tokens = keep
         return keep
+
+    # ---- session retention ----
+
+    def pin_session(self, request: Request, session_id: str, expires_at: float) -> int:
+        """Pin the request's cached full blocks for its session (call before free()).
+
+        Replaces the session's previous pin. To stay under max_pinned_blocks the oldest other
+        pins are released first; a pin larger than the whole cap keeps its leading blocks
+        (the prefix is what the next turn can reuse). Returns the number of blocks pinned."""
+        self.release_session(session_id)
+        blocks = []
+        for b in self.req_blocks.get(request.request_id, ()):
+            if b.block_hash is None or len(blocks) == self.max_pinned_blocks:
+                break  # only a cached prefix is reusable by the next turn
+            blocks.append(b)
+        while self.pins and self.num_pinned_blocks + len(blocks) > self.max_pinned_blocks:
+            self.release_session(next(iter(self.pins)))
+        if not blocks:
+            return 0
+        self.pool.touch(blocks)
+        self.pins[session_id] = SessionPin(session_id, blocks, expires_at)
+        self.num_pinned_blocks += len(blocks)
+        return len(blocks)
+
+    def release_session(self, session_id: str) -> bool:
+        """Drop a session's pin: its blocks go back to the LRU, still findable until evicted."""
+        pin = self.pins.pop(session_id, None)
+        if pin is None:
+            return False
+        self.pool.free_blocks(pin.blocks)
+        self.num_pinned_blocks -= len(pin.blocks)
+        return True
+
+    def expire_pins(self, now: float) -> int:
+        expired = [sid for sid, pin in self.pins.items() if pin.expires_at <= now]
+        for sid in expired:
+            self.release_session(sid)
+        return len(expired)
+
