@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 @dataclass(eq=False, slots=True)
@@ -39,6 +39,8 @@ class BlockPool:
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KVBlock] = {}
         self.num_evictions = 0
+        # Called with a cached block about to be reused (its contents are still intact).
+        self.on_evict: Callable[[KVBlock], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,5 +113,7 @@ class BlockPool:
         return len(self._cached)
 
     def _evict(self, block: KVBlock) -> None:
+        if self.on_evict is not None:
+            self.on_evict(block)
         self.uncache_block(block)
         self.num_evictions += 1

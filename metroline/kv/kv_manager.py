@@ -50,6 +50,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class HostHit:
+    """A prefix block found in the host tier: computed, but to be copied into a device block."""
+
+    block_hash: int
+
+
 @dataclass
 class SessionPin:
     """Blocks of a finished turn held (one reference each) so the next turn finds them even
@@ -69,10 +76,14 @@ class KVCacheManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 max_pinned_fraction: float = 0.25):
+                 max_pinned_fraction: float = 0.25, host_tier=None):
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
+        self.host_tier = host_tier if enable_caching else None
+        if self.host_tier is not None:
+            self.pool.on_evict = lambda b: self.host_tier.offload(b.block_id, b.block_hash)
+        self.host_tier_hits = 0  # tokens restored from the host tier
         self.req_blocks: dict[str, list[KVBlock]] = {}
         # Chained hashes of the request's full blocks of known tokens, extended incrementally.
         self._block_hashes: dict[str, list[int]] = {}
@@ -115,19 +126,25 @@ class KVCacheManager:
                                             request.token_ids_slice(i * bs, (i + 1) * bs), extra))
         return hashes
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Longest cached prefix of full blocks, and its length in tokens.
+    def get_computed_blocks(self, request: Request) -> tuple[list, int]:
+        """Longest cached prefix of full blocks, and its length in tokens: device blocks, then
+        HostHit entries for blocks the host tier can restore.
 
         At least one token is always left to compute, so that the step yields logits."""
         if not self.enable_caching:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[KVBlock] = []
+        hits: list = []
+        on_device = True
         for h in self.block_hashes(request)[:max_blocks]:
-            block = self.pool.get_cached_block(h)
-            if block is None:
+            block = self.pool.get_cached_block(h) if on_device else None
+            if block is not None:
+                hits.append(block)
+                continue
+            on_device = False  # past the device prefix, only the host tier can continue it
+            if self.host_tier is None or not self.host_tier.contains(h):
                 break
-            hits.append(block)
+            hits.append(HostHit(h))
         num_hit_tokens = len(hits) * self.block_size
         self.prefix_cache_queries += request.num_tokens
         self.prefix_cache_hits += num_hit_tokens
@@ -145,19 +162,30 @@ class KVCacheManager:
         rid = request.request_id
         blocks = self.req_blocks.get(rid, [])
         assert not new_computed_blocks or (not blocks and request.num_computed_tokens == 0)
+        device_hits = [b for b in new_computed_blocks if isinstance(b, KVBlock)]
+        host_hits = [b.block_hash for b in new_computed_blocks if isinstance(b, HostHit)]
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_slots = num_computed + num_new_tokens + num_lookahead_tokens
-        num_needed = max(0, _cdiv(num_slots, self.block_size) - len(blocks) - len(new_computed_blocks))
+        # Host hits need fresh device blocks to be restored into.
+        num_needed = max(0, _cdiv(num_slots, self.block_size) - len(blocks) - len(device_hits))
         # Touching a cache hit with ref_cnt 0 takes it out of the free queue too.
-        num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_revived = sum(1 for b in device_hits if b.ref_cnt == 0)
         if num_needed + num_revived > self.pool.num_free_blocks:
             return None
 
-        self.pool.touch(new_computed_blocks)
+        self.pool.touch(device_hits)
+        if host_hits:
+            self.host_tier.lock(host_hits)  # evictions below offload; keep what we restore
         new_blocks = self.pool.get_new_blocks(num_needed)
         assert new_blocks is not None
+        for block, h in zip(new_blocks, host_hits):
+            self.host_tier.restore(h, block.block_id)
+            self.pool.cache_full_block(block, h)
+        if host_hits:
+            self.host_tier.unlock(host_hits)
+            self.host_tier_hits += len(host_hits) * self.block_size
         blocks = self.req_blocks.setdefault(rid, blocks)
-        blocks.extend(new_computed_blocks)
+        blocks.extend(device_hits)
         blocks.extend(new_blocks)
 
         if self.enable_caching:
