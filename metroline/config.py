@@ -21,6 +21,11 @@ class CacheConfig:
     # Overrides the size computed from memory (tests use tiny pools).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # Session pins (kv_retention_s) never hold more than this share of the pool.
+    max_pinned_fraction: float = 0.25
+    # Bytes of host memory for KV blocks evicted from an accelerator. None: automatic (on a
+    # GPU, 10% of free host memory; off on the CPU device, where it would gain nothing); 0: off.
+    host_kv_cache_memory: int | None = None
 
     def __post_init__(self):
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -29,6 +34,10 @@ class CacheConfig:
                  "kv_cache_memory must be positive", "kv_cache_memory")
         _require(0 < self.kv_cache_memory_fraction <= 0.95,
                  "kv_cache_memory_fraction must be in (0, 0.95]", "kv_cache_memory_fraction")
+        _require(0.0 <= self.max_pinned_fraction <= 0.9, "max_pinned_fraction must be in [0, 0.9]",
+                 "max_pinned_fraction")
+        _require(self.host_kv_cache_memory is None or self.host_kv_cache_memory >= 0,
+                 "host_kv_cache_memory must be >= 0", "host_kv_cache_memory")
         _require(self.num_blocks is None or self.num_blocks >= 2,
                  "num_blocks must be at least 2", "num_blocks")
 

@@ -90,21 +90,34 @@ class EngineCore:
         self.num_blocks = num_blocks
         ctx = model.model.rotary_emb.max_positions
         self.max_model_len = min(self.scheduler_config.max_model_len or ctx, ctx, num_blocks * bs)
-        self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, bs, self.max_model_len)
         self.runner = ModelRunner(model, get_attention_backend(attention_backend, self.device),
                                   num_blocks, bs, self.device, self.dtype, self.model_config.seed)
+        self.host_tier = self._make_host_tier(per_token * bs)
+        self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching,
+                                         self.cache_config.max_pinned_fraction, self.host_tier)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, bs, self.max_model_len)
         self.groups: dict[str, _Group] = {}
         self._sample_to_group: dict[str, _Group] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
                     num_blocks, bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 
+    def _make_host_tier(self, bytes_per_block: int):
+        from metroline.kv.host_tier import HostKVTier
+
+        budget = self.cache_config.host_kv_cache_memory
+        if budget is None:
+            budget = int(available_memory_bytes(torch.device("cpu")) * 0.1) if self.device.type == "cuda" else 0
+        if not budget or not self.cache_config.enable_prefix_caching or budget < bytes_per_block:
+            return None
+        return HostKVTier(self.runner.kv_caches, self.cache_config.block_size, budget // bytes_per_block)
+
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     priority: int = 0, session_id: str | None = None, program_id: str | None = None,
-                    cache_salt: str | None = None, arrival_time: float | None = None) -> None:
+                    cache_salt: str | None = None, arrival_time: float | None = None,
+                    kv_retention_s: float | None = None) -> None:
         """Validate and enqueue. Raises InvalidRequestError (or QueueFullError): nothing is kept."""
         from metroline.tokenizer import IncrementalDetokenizer
 
@@ -116,6 +129,8 @@ class EngineCore:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         params.validate(vocab)
+        if kv_retention_s is not None and not (0 <= kv_retention_s <= 24 * 3600):
+            raise InvalidRequestError("kv_retention_s must be in [0, 86400]", param="kv_retention_s")
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(
@@ -134,7 +149,8 @@ class EngineCore:
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, prompt_token_ids, params, eos_token_ids=eos, arrival_time=arrival,
                           priority=priority, session_id=session_id, program_id=program_id,
-                          cache_salt=cache_salt, group_id=request_id, sample_index=i)
+                          cache_salt=cache_salt, group_id=request_id, sample_index=i,
+                          kv_retention_s=kv_retention_s)
             req.max_tokens = max_tokens
             samples.append(_SampleState(req, IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens)))
@@ -164,6 +180,23 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def release_session(self, session_id: str) -> bool:
+        """Drop a session's retained KV (DELETE /v1/sessions/{id}); False if none was pinned."""
+        return self.kv_manager.release_session(session_id)
+
+    def get_stats(self) -> dict:
+        """A snapshot of gauges and monotonic counters, for metrics. Only plain ints and floats
+        are read, so another thread (the server's) may call it while the loop steps."""
+        sched, kv = self.scheduler, self.kv_manager
+        return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
+                "kv_cache_usage": kv.usage, "num_blocks": self.num_blocks,
+                "num_preemptions": sched.num_preemptions,
+                "prefix_cache_queries": kv.prefix_cache_queries,
+                "prefix_cache_hits": kv.prefix_cache_hits,
+                "pinned_blocks": kv.num_pinned_blocks, "pinned_sessions": len(kv.pins),
+                "kv_evictions": kv.pool.num_evictions, "host_tier_hits": kv.host_tier_hits,
+                **self.stats}
 
     # ----------------------------------------------------------------------- step
 

@@ -35,6 +35,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
+                 host_kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy: str = "fcfs",
                  enable_chunked_prefill: bool = True, seed: int = 0, show_progress: bool = True,
                  loaded=None):
@@ -48,7 +49,8 @@ class LLM:
         self.engine = EngineCore(
             self.loaded,
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                        enable_prefix_caching=enable_prefix_caching),
+                        enable_prefix_caching=enable_prefix_caching,
+                        host_kv_cache_memory=host_kv_cache_memory),
             SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                             max_model_len=max_model_len, policy=policy,
                             enable_chunked_prefill=enable_chunked_prefill),
