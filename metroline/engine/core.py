@@ -203,10 +203,14 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
-        for req in sched.finished:
-            g = self._sample_to_group.get(req.request_id)
-            if g:
-                touched[g.request_id] = g
+
+        def touch(reqs) -> None:
+            for req in reqs:
+                g = self._sample_to_group.get(req.request_id)
+                if g:
+                    touched[g.request_id] = g
+
+        touch(sched.finished)
         if sched.scheduled:
             self.stats["steps"] += 1
             try:
@@ -217,10 +221,7 @@ class EngineCore:
                 for s in sched.scheduled:
                     s.request.error = f"{type(e).__name__}: {e}"
                 self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
-                for s in sched.scheduled:
-                    g = self._sample_to_group.get(s.request.request_id)
-                    if g:
-                        touched[g.request_id] = g
+                touch(s.request for s in sched.scheduled)
                 results = None
             if results is not None:
                 self.stats["prompt_tokens"] += sum(
@@ -233,10 +234,7 @@ class EngineCore:
                 changed = self.scheduler.update_from_output(
                     sched, {rid: [res.token_id] for rid, res in results.items()})
                 self.stats["generation_tokens"] += len(results)
-                for req in changed:
-                    g = self._sample_to_group.get(req.request_id)
-                    if g:
-                        touched[g.request_id] = g
+                touch(changed)
         return [self._make_output(g) for g in touched.values()]
 
     def _make_output(self, g: _Group) -> RequestOutput:
@@ -286,7 +284,6 @@ class EngineCore:
             return
         pos, s = best
         st.text = st.text[:pos + (len(s) if st.request.sampling_params.include_stop_str_in_output else 0)]
-        st.request.stop_reason = s
         if not st.request.is_finished:
             self.scheduler.finish_requests([st.request.request_id], RequestStatus.FINISHED_STOPPED)
         else:

@@ -186,3 +186,26 @@ def test_rejects_prompt_that_can_never_fit(default_loaded):
         core.add_request("long", list(range(100, 200)), SamplingParams(max_tokens=100))
     assert e.value.code == "context_length_exceeded"
     _assert_pool_empty(core)
+
+
+def test_failed_step_fails_its_requests_not_the_engine(default_loaded, monkeypatch):
+    core = _engine(default_loaded, num_blocks=64)
+    tok = default_loaded.tokenizer
+    real = core.runner.execute
+    calls = {"n": 0}
+
+    def flaky(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device fault")
+        return real(scheduled)
+
+    monkeypatch.setattr(core.runner, "execute", flaky)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    res = _run(core, {0: [("a", tok.encode("Hello there"), params)]})
+    assert res["a"].finished and res["a"].outputs[0].finish_reason == "error"
+    assert "simulated device fault" in res["a"].error
+    _assert_pool_empty(core)
+    res = _run(core, {0: [("b", tok.encode("Hello again"), params)]})
+    assert res["b"].outputs[0].finish_reason == "length" and len(res["b"].outputs[0].token_ids) == 4
+    _assert_pool_empty(core)
