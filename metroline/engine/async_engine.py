@@ -60,6 +60,10 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    def get_stats(self) -> dict:
+        """EngineCore.get_stats() plus this front's open streams (callable from any thread)."""
+        return {**self.core.get_stats(), "num_streams": len(self._streams)}
+
     # ------------------------------------------------------------------ front
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -29,7 +29,7 @@ def test_context_length_exceeded(client, tok):
     assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=9000)
-    assert e.value.code == "context_length_exceeded"
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_completion_tokens"
 
 
 @pytest.mark.parametrize("kwargs, param", [

@@ -177,71 +177,103 @@ def test_request_timeout(aux_server, engine):
 
 # ---------------------------------------------------------------------------- drain
 
-def test_drain(default_loaded):
-    """Draining: new work 503, /ready 503, /health 200; in-flight work finishes until the
-    shutdown timeout, then what is left ends with an error event."""
-    eng = make_engine(default_loaded, num_blocks=128)
+@pytest.fixture
+def fresh(default_loaded):
+    """A private engine + server (draining and death are one-way), stopped after the test."""
     from metroline.server.app import ServerConfig, create_app
 
-    srv = ServerThread(create_app(eng, ServerConfig()))
-    client = srv.client()
-    try:
-        long_stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=2000,
-                                                stream=True, extra_body=LONG)
-        first = next(iter(long_stream))
-        assert first.choices[0].text is not None
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            short = pool.submit(client.completions.create, model=MODEL, prompt="Hi",
-                                max_tokens=20, temperature=0, extra_body=LONG)
-            wait_for(lambda: len(srv.state.runs) == 2, what="both requests in flight")
-            drain = srv.submit(srv.state.drain(3.0))
-            wait_for(lambda: srv.state.draining, what="draining")
-            with srv.http() as http:
-                assert http.get("/ready").status_code == 503
-                assert http.get("/health").status_code == 200
-            with pytest.raises(openai.InternalServerError) as e:
-                client.completions.create(model=MODEL, prompt="new", max_tokens=2)
-            assert e.value.status_code == 503 and e.value.code == "server_draining"
-            assert short.result(timeout=60).usage.completion_tokens == 20  # finished in time
-            with pytest.raises(openai.APIError) as e:
-                for _ in long_stream:
-                    pass
-            assert e.value.code == "server_shutdown"
-            drain.result(timeout=30)
-        wait_idle(eng)
-        assert not srv.state.runs
-    finally:
+    made = []
+
+    def make(num_blocks=128, **cfg) -> tuple[ServerThread, object]:
+        eng = make_engine(default_loaded, num_blocks=num_blocks)
+        srv = ServerThread(create_app(eng, ServerConfig(**cfg)))
+        made.append((srv, eng))
+        return srv, eng
+
+    yield make
+    for srv, eng in made:
         srv.stop()
         eng.shutdown(timeout=10)
+        assert not srv.thread.is_alive()
+
+
+def test_drain_finishes_in_flight_work_then_ends_the_rest(fresh):
+    """Draining: new work 503, /ready 503, /health 200; in-flight requests finish; what is
+    still running when the drain is cut short ends with an error event in its stream."""
+    srv, eng = fresh()
+    client = srv.client()
+    long_stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=2000,
+                                            stream=True, extra_body=LONG)
+    assert next(iter(long_stream)).choices[0].text is not None
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        short = pool.submit(client.completions.create, model=MODEL, prompt="Hi",
+                            max_tokens=6, temperature=0, extra_body=LONG)
+        wait_for(lambda: len(srv.state.runs) == 2, what="both requests in flight")
+        drain = srv.submit(srv.state.drain(120.0))
+        wait_for(lambda: srv.state.draining, what="draining")
+        with srv.http() as http:
+            assert http.get("/ready").status_code == 503
+            assert http.get("/health").status_code == 200
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=MODEL, prompt="new", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.code == "server_draining"
+        assert short.result(timeout=60).usage.completion_tokens == 6  # finished normally
+        assert not drain.done() and len(srv.state.runs) == 1  # still waiting for the long one
+        srv.state.loop.call_soon_threadsafe(srv.state.end_drain_now)  # a second SIGTERM
+        with pytest.raises(openai.APIError) as e:
+            for _ in long_stream:
+                pass
+        assert e.value.code == "server_shutdown"
+        drain.result(timeout=30)
+    wait_idle(eng)
+    assert not srv.state.runs
+
+
+def test_drain_timeout_ends_streams_and_waiting_requests(fresh):
+    srv, eng = fresh()
+    client = srv.client()
+    streams = [client.completions.create(model=MODEL, prompt=f"Story {i}", max_tokens=2000,
+                                         stream=True, extra_body=LONG) for i in range(2)]
+    for st in streams:
+        next(iter(st))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(client.completions.create, model=MODEL, prompt="Plain",
+                            max_tokens=2000, extra_body=LONG)
+        wait_for(lambda: len(srv.state.runs) == 3, what="three requests in flight")
+        t0 = time.monotonic()
+        srv.call(srv.state.drain(0.5))
+        assert time.monotonic() - t0 < 10
+        for st in streams:
+            with pytest.raises(openai.APIError) as e:
+                for _ in st:
+                    pass
+            assert e.value.code == "server_shutdown"
+        with pytest.raises(openai.InternalServerError) as e:
+            plain.result(timeout=30)
+        assert e.value.status_code == 503 and e.value.code == "server_shutdown"
+    wait_idle(eng)
 
 
 # ---------------------------------------------------------------------------- engine death
 
-def test_dead_engine_loop_is_reported(default_loaded):
-    eng = make_engine(default_loaded, num_blocks=32)
-    from metroline.server.app import ServerConfig, create_app
-
-    srv = ServerThread(create_app(eng, ServerConfig()))
+def test_dead_engine_loop_is_reported(fresh):
+    srv, eng = fresh(num_blocks=32)
     client = srv.client()
-    try:
-        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
 
-        def boom():
-            raise RuntimeError("simulated engine crash")
+    def boom():
+        raise RuntimeError("simulated engine crash")
 
-        eng.core.step = boom
-        with pytest.raises(openai.InternalServerError) as e:
-            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-        assert e.value.status_code == 503 and e.value.code == "engine_dead"
-        wait_for(lambda: not eng.is_alive, what="the loop to die")
-        with srv.http() as http:
-            r = http.get("/health")
-            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-            assert http.get("/ready").status_code == 503
-        with pytest.raises(openai.InternalServerError) as e:  # refused at once, not hung
-            client.chat.completions.create(model=MODEL, max_tokens=2,
-                                           messages=[{"role": "user", "content": "x"}])
-        assert e.value.code == "engine_dead"
-    finally:
-        srv.stop()
-        eng.shutdown(timeout=10)
+    eng.core.step = boom
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert e.value.status_code == 503 and e.value.code == "engine_dead"
+    wait_for(lambda: not eng.is_alive, what="the loop to die")
+    with srv.http() as http:
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert http.get("/ready").status_code == 503
+    with pytest.raises(openai.InternalServerError) as e:  # refused at once, not hung
+        client.chat.completions.create(model=MODEL, max_tokens=2,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "engine_dead"

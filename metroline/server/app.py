@@ -1,0 +1,384 @@
+"""The HTTP server: app factory, auth and body-size limits, error shapes, health/readiness,
+metrics, and a uvicorn runner whose SIGTERM drains instead of dropping work.
+
+`create_app(engine, config)` builds an app over an already running AsyncEngine, so a test (or
+a process serving several configurations) can share one loaded model. The engine loop runs in
+its own thread (AsyncEngine); the HTTP event loop only parses, tokenizes and streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metroline.engine.async_engine import AsyncEngine
+from metroline.engine.request import SamplingParams
+from metroline.server.metrics import CONTENT_TYPE, ServerMetrics
+from metroline.server.protocol import APIError
+from metroline.server.runs import Run, engine_error
+
+logger = logging.getLogger("metroline.server")
+
+API_KEY_ENV = "METROLINE_API_KEY"
+# Routes answered without an API key: liveness must be probe-able by an orchestrator that
+# holds no secret. Everything else, /metrics and /openapi.json included, needs the key.
+AUTH_ALLOWLIST = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-side settings; the engine's are CacheConfig / SchedulerConfig / ModelConfig."""
+
+    served_model_names: tuple[str, ...] = ()  # empty: the model's own name
+    api_key: str | None = None
+    max_request_body_bytes: int = 8 * 2**20
+    request_timeout: float | None = None  # seconds for a whole generation request
+    shutdown_timeout: float = 30.0  # seconds in-flight work may take once draining began
+    chat_template: str | None = None  # template source overriding the model's
+    ready_timeout: float = 30.0  # seconds /ready's one-token generation may take
+    retry_after: int = 1  # seconds, sent with 429
+
+    def __post_init__(self):
+        if self.max_request_body_bytes <= 0:
+            raise ValueError("max_request_body_bytes must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
+
+
+class ServerState:
+    """What the routes share: the engine front, the tokenizer, in-flight runs, drain state."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        core = engine.core
+        tokenizer = engine.tokenizer
+        if config.chat_template is not None:
+            # A copy, so the override never leaks into the model shared with others.
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = config.chat_template
+        self.tokenizer = tokenizer
+        self.source_name = core.loaded.source.name
+        self.model_names = config.served_model_names or (self.source_name,)
+        self.max_model_len = core.max_model_len
+        self.vocab_size = core.loaded.config.vocab_size
+        self.created = int(time.time())
+        self.runs: set[Run] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
+        self.draining = False
+        self._drain_now: asyncio.Event | None = None
+        self.metrics = ServerMetrics(engine.get_stats, self._gauges, self.model_names[0])
+
+    def _gauges(self) -> dict:
+        return {"engine_alive": int(self.engine.is_alive), "draining": int(self.draining),
+                "in_flight": len(self.runs)}
+
+    def check_admitting(self) -> None:
+        """Raise 503 unless new generation work may start."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down and admits no new requests",
+                           "service_unavailable", None, "server_draining")
+        if not self.engine.is_alive:
+            raise APIError(503, "the engine loop is not running", "service_unavailable", None,
+                           "engine_dead")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting (503, /ready 503), let in-flight requests finish for up to `timeout`
+        seconds, then end the rest with an error (a final error event for streams)."""
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        if self._drain_now is None:
+            self._drain_now = asyncio.Event()
+        logger.warning("draining: %d request(s) in flight, waiting up to %g s",
+                       len(self.runs), timeout)
+        deadline = loop.time() + timeout
+        while self.runs and loop.time() < deadline and not self._drain_now.is_set():
+            await asyncio.sleep(0.05)
+        if self.runs:
+            logger.warning("ending %d request(s) still in flight", len(self.runs))
+            err = APIError(503, "the server shut down before this request finished",
+                           "service_unavailable", None, "server_shutdown")
+            for run in list(self.runs):
+                run.kill(err)
+            await asyncio.sleep(0.1)  # their handlers write the error; uvicorn then waits for them
+
+    def end_drain_now(self) -> None:
+        self.draining = True
+        if self._drain_now is None:
+            self._drain_now = asyncio.Event()
+        self._drain_now.set()
+
+
+# ---------------------------------------------------------------------------- middleware
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _AuthMiddleware:
+    """Bearer-token check on every HTTP route except AUTH_ALLOWLIST (404s included: an
+    unauthenticated client learns nothing about which routes exist)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in AUTH_ALLOWLIST:
+            return await self.app(scope, receive, send)
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+                break
+        if not hmac.compare_digest(token, self.key):
+            return await _send_error(send, APIError(
+                401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                "invalid_request_error", None, "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"}))
+        return await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    # An HTTPException, so FastAPI's body reader re-raises it as is (it wraps other errors
+    # into a 400) and the exception handler answers 413.
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body exceeds {limit} bytes")
+
+
+class _BodyLimitMiddleware:
+    """413 for a body over the limit: at once from Content-Length, else while it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    return await _send_error(send, APIError(
+                        413, f"the request body exceeds {limit} bytes", "invalid_request_error",
+                        None, "request_too_large"))
+                break
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error", "")
+            return _error_response(APIError(400, f"the request body is not valid JSON: {detail}",
+                                            "invalid_request_error", None, "invalid_json"))
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "invalid_unicode":
+        return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg')}",
+                                        "invalid_request_error", param, "invalid_unicode"))
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {e.get('msg')}")
+    return _error_response(APIError(422, "; ".join(parts), "invalid_request_error", param,
+                                    first.get("type")))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message, code = str(exc.detail), _HTTP_CODES.get(exc.status_code)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        message, code = "the request body is not valid UTF-8", "invalid_utf8"
+    elif exc.status_code == 400:
+        code = "invalid_body"
+    elif exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    err = APIError(exc.status_code, message,
+                   "invalid_request_error" if exc.status_code < 500 else "server_error", None, code,
+                   headers=dict(exc.headers) if exc.headers else None)
+    return _error_response(err)
+
+
+async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error",
+                                    None, "internal_error"))
+
+
+# ---------------------------------------------------------------------------- the app
+
+def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    """An OpenAI-compatible app over a running AsyncEngine (the caller owns the engine)."""
+    from metroline import __version__
+    from metroline.server.openai import add_routes
+
+    config = config or ServerConfig()
+    state = ServerState(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
+        yield
+        # uvicorn waited for open connections first; whatever is left ends now.
+        err = APIError(503, "the server shut down", "service_unavailable", None, "server_shutdown")
+        for run in list(state.runs):
+            run.kill(err)
+
+    app = FastAPI(title="metroline", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM inference server")
+    app.state.metroline = state
+    app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _unhandled_error_handler)
+    app.add_middleware(_BodyLimitMiddleware, limit=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(_AuthMiddleware, api_key=config.api_key)  # outermost: before reading
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: 200 while the engine loop runs, 503 once it died."""
+        if not engine.is_alive:
+            return _error_response(APIError(503, f"the engine loop is not running: "
+                                                 f"{engine.dead_error!r}", "service_unavailable",
+                                            None, "engine_dead"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: a one-token generation goes through; 503 while draining or failing."""
+        try:
+            state.check_admitting()
+            await asyncio.wait_for(_one_token(state), config.ready_timeout)
+        except asyncio.TimeoutError:
+            return _error_response(APIError(503, f"a one-token generation took over "
+                                                 f"{config.ready_timeout:g} s",
+                                            "service_unavailable", None, "not_ready"))
+        except APIError as e:
+            return _error_response(APIError(503, f"not ready: {e.message}",
+                                            "service_unavailable", None, e.code or "not_ready"))
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    add_routes(app)
+    return app
+
+
+async def _one_token(state: ServerState) -> None:
+    prompt = state.tokenizer.encode("ready", add_special_tokens=False) or [0]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    try:
+        async for _ in state.engine.generate(prompt, params, priority=-(2**31)):
+            pass
+    except Exception as e:
+        raise engine_error(e) from None
+
+
+# ---------------------------------------------------------------------------- running it
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          access_log: bool = True) -> None:
+    """Run the app under uvicorn until SIGINT/SIGTERM; returns after the drain."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=10, server_header=False)
+    DrainingServer(config, app.state.metroline).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains (ServerState.drain, up to
+    shutdown_timeout) before exiting; a second ends in-flight work at once; a third exits
+    without waiting for connections."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        # Runs as a signal handler: it only hands work to the loop (call_soon_threadsafe is
+        # safe here). Not calling uvicorn's handler also keeps it from re-raising the signal
+        # after shutdown, so the process exits 0 after a clean drain.
+        self._signals += 1
+        loop = self._loop
+        if loop is None or self._signals >= 3:
+            self.force_exit = self._signals >= 3
+            self.should_exit = True
+            return
+        if self._signals == 1:
+            logger.warning("signal %d: draining", sig)
+            loop.call_soon_threadsafe(self._begin_drain)
+        else:
+            logger.warning("signal %d: ending in-flight requests now", sig)
+            loop.call_soon_threadsafe(self.state.end_drain_now)
+
+    def _begin_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.state.drain(self.state.config.shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+
+def api_key_from_env(explicit: str | None) -> str | None:
+    return explicit or os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,496 @@
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, and
+vLLM's /tokenize and /detokenize.
+
+Each generation request: validate (400 before anything reaches the engine) -> tokenize ->
+Run.start() (submission errors still become an HTTP status) -> one JSON body, or SSE chunks
+ending in `data: [DONE]` (or an error event, then [DONE], when the run fails midway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from metroline.errors import InvalidRequestError
+from metroline.server.protocol import (CHAT_ROLES, MAX_PROMPTS, APIError, ChatCompletionRequest,
+                                       ChatMessage, CompletionRequest, DetokenizeRequest,
+                                       TokenizeRequest, bad_request, to_sampling_params)
+from metroline.server.runs import ClientDisconnected, Run
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
+_LONG_TEXT = 16384  # characters: tokenize longer texts off the event loop
+_MIN_LOGPROB = -9999.0  # JSON has no -inf (a masked token's logprob)
+
+
+class _SSEResponse(StreamingResponse):
+    """An SSE stream that releases its Run however the response ends, even when the body
+    iterator never started (a client gone before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[bytes], run: Run):
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._run.close()
+
+
+def _state(request: Request):
+    return request.app.state.metroline
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _check_model(state, model: str | None) -> str:
+    if model is None or model in state.model_names:
+        return model or state.model_names[0]
+    raise APIError(404, f"the model {model!r} does not exist; served: {list(state.model_names)}",
+                   "invalid_request_error", "model", "model_not_found")
+
+
+async def _encode(state, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) > _LONG_TEXT:
+        return await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens)
+    return state.tokenizer.encode(text, add_special_tokens)
+
+
+def _check_context(state, prompt: list[int], max_tokens: int | None, param: str,
+                   max_tokens_param: str = "max_tokens") -> None:
+    limit, n = state.max_model_len, len(prompt)
+    if n >= limit:
+        raise bad_request(f"this model's maximum context length is {limit} tokens, but the "
+                          f"prompt has {n} tokens", param, "context_length_exceeded")
+    if max_tokens is not None and n + max_tokens > limit:
+        raise bad_request(f"this model's maximum context length is {limit} tokens, but {n} "
+                          f"prompt tokens + {max_tokens} {max_tokens_param} were requested",
+                          max_tokens_param, "context_length_exceeded")
+
+
+def _hints(body) -> dict:
+    return {"priority": body.priority, "session_id": body.session_id,
+            "cache_salt": body.cache_salt}
+
+
+def _usage(run: Run, prompts: list[list[int]]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(run.num_output_tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(run.num_cached_tokens)}}
+
+
+# ---------------------------------------------------------------------------- logprobs
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-level alphabet (each byte shown as a printable character)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenTexts:
+    """Per token id: its text (as logprobs show it) and its exact bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def get(self, tid: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(tid)
+        if hit is None:
+            text = self.tokenizer.decode([tid], skip_special_tokens=False)
+            raw = text.encode()
+            if "\ufffd" in text:  # part of a multi-byte character: recover the token's bytes
+                piece = self.tokenizer.id_to_token(tid)
+                m = _BYTE_PIECE.fullmatch(piece)
+                if m:
+                    raw = bytes([int(m.group(1), 16)])
+                elif all(ch in _BYTE_DECODER for ch in piece):
+                    raw = bytes(_BYTE_DECODER[ch] for ch in piece)
+            hit = self._cache[tid] = (text, list(raw))
+        return hit
+
+
+def _lp(x: float) -> float:
+    return x if x > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN
+
+
+def _chat_logprobs(texts: TokenTexts, entries) -> dict:
+    content = []
+    for tid, lp, top in entries:
+        text, raw = texts.get(tid)
+        content.append({"token": text, "logprob": _lp(lp), "bytes": raw,
+                        "top_logprobs": [{"token": (t := texts.get(i))[0], "logprob": _lp(v),
+                                          "bytes": t[1]} for i, v in top]})
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(texts: TokenTexts, entries, offset: int) -> tuple[dict, int]:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, lp, top in entries:
+        text = texts.get(tid)[0]
+        tokens.append(text)
+        token_lps.append(_lp(lp))
+        alts = {texts.get(i)[0]: _lp(v) for i, v in top}
+        alts.setdefault(text, _lp(lp))  # OpenAI: the sampled token is always among them
+        tops.append(alts)
+        offsets.append(offset)
+        offset += len(text)
+    return ({"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+             "text_offset": offsets}, offset)
+
+
+def _merge_completion_logprobs(acc: dict | None, new: dict) -> dict:
+    if acc is None:
+        return new
+    for k in acc:
+        acc[k].extend(new[k])
+    return acc
+
+
+def _texts(state) -> TokenTexts:
+    texts = getattr(state, "token_texts", None)
+    if texts is None:
+        texts = state.token_texts = TokenTexts(state.tokenizer)
+    return texts
+
+
+# ---------------------------------------------------------------------------- models
+
+def _model_card(state, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "metroline",
+            "root": state.source_name, "parent": None, "max_model_len": state.max_model_len}
+
+
+async def list_models(request: Request) -> dict:
+    state = _state(request)
+    return {"object": "list", "data": [_model_card(state, n) for n in state.model_names]}
+
+
+async def retrieve_model(model: str, request: Request) -> dict:
+    state = _state(request)
+    return _model_card(state, _check_model(state, model))
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def _render_chat(state, messages: list[ChatMessage], add_generation_prompt: bool,
+                 extra: dict | None = None) -> str:
+    if not messages:
+        raise bad_request("messages must contain at least one message", "messages")
+    chat = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role {m.role!r} is not supported; use one of "
+                              f"{sorted(CHAT_ROLES)}", f"messages.{i}.role", "invalid_role")
+        msg = m.model_dump(exclude_none=True)
+        if m.role == "developer":  # OpenAI's newer name for the system role
+            msg["role"] = "system"
+        if isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}]: only text content parts are supported",
+                                      f"messages.{i}.content", "unsupported_content")
+                parts.append(part["text"])
+            msg["content"] = "\n".join(parts)
+        chat.append(msg)
+    kwargs = dict(extra or {})
+    clash = {"messages", "add_generation_prompt", "tools"} & kwargs.keys()
+    if clash:
+        raise bad_request(f"chat_template_kwargs may not set {sorted(clash)}",
+                          "chat_template_kwargs")
+    try:
+        return state.tokenizer.apply_chat_template(
+            chat, add_generation_prompt=add_generation_prompt, **kwargs)
+    except InvalidRequestError as e:  # ChatTemplateError: a role or message it cannot render
+        raise bad_request(f"the chat template cannot render these messages: {e}",
+                          e.param or "messages", e.code or "invalid_chat_template") from None
+
+
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    state = _state(request)
+    _check_model(state, body.model)
+    if body.messages is not None:
+        text = _render_chat(state, body.messages, body.add_generation_prompt)
+        ids = await _encode(state, text, False)
+    else:
+        text = body.prompt if body.prompt is not None else body.content
+        if text is None:
+            raise bad_request("give 'prompt' (or 'content') or 'messages'", "prompt")
+        ids = await _encode(state, text, body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    state = _state(request)
+    _check_model(state, body.model)
+    vocab = state.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
+    return {"prompt": state.tokenizer.decode(body.tokens)}
+
+
+# ---------------------------------------------------------------------------- completions
+
+async def _completion_prompts(state, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    out = []
+    for p in prompt:
+        ids = await _encode(state, p, True) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_request("prompt must not be empty", "prompt")
+        if min(ids) < 0 or max(ids) >= state.vocab_size:
+            raise bad_request(f"prompt token ids must be in [0, {state.vocab_size})", "prompt")
+        out.append(ids)
+    return out
+
+
+async def create_completion(body: CompletionRequest, request: Request):
+    arrival = time.monotonic()
+    state = _state(request)
+    try:
+        state.check_admitting()
+        model = _check_model(state, body.model)
+        if body.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request("best_of other than n is not supported", "best_of")
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
+                                    vocab_size=state.vocab_size)
+        prompts = await _completion_prompts(state, body.prompt)
+        if len(prompts) * params.n > 128:
+            raise bad_request("len(prompt) * n must be at most 128", "n")
+        for p in prompts:
+            _check_context(state, p, params.max_tokens, "prompt")
+        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        want_lp = body.logprobs is not None
+        texts = _texts(state) if want_lp else None
+        run = Run(state, request, prompts, params, _hints(body), arrival=arrival, prefix="cmpl")
+        await run.start()
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        raise
+    if body.stream:
+        gen = _completion_stream(state, run, prompts, rid, created, model, n, echo, texts,
+                                 body.stream_options is not None
+                                 and body.stream_options.include_usage)
+        return _SSEResponse(gen, run)
+
+    k = len(prompts) * n
+    pieces: list[list[str]] = [[] for _ in range(k)]
+    finish: list[str | None] = [None] * k
+    stop_reason: list = [None] * k
+    logprobs: list[dict | None] = [None] * k
+    offsets = [len(echo[c // n]) if echo else 0 for c in range(k)]
+    try:
+        async for i, out in run.events():
+            for o in out.outputs:
+                c = i * n + o.index
+                pieces[c].append(o.text)
+                if o.finish_reason:
+                    finish[c], stop_reason[c] = o.finish_reason, o.stop_reason
+                if want_lp and o.logprobs is not None:
+                    lp, offsets[c] = _completion_logprobs(texts, o.logprobs, offsets[c])
+                    logprobs[c] = _merge_completion_logprobs(logprobs[c], lp)
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        raise
+    finally:
+        run.close()
+    if want_lp:  # an empty completion still has the (empty) structure
+        logprobs = [lp or {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                           "text_offset": []} for lp in logprobs]
+    choices = [{"index": c, "text": (echo[c // n] if echo else "") + "".join(pieces[c]),
+                "logprobs": logprobs[c], "finish_reason": finish[c],
+                "stop_reason": stop_reason[c]} for c in range(k)]
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created,
+                         "model": model, "choices": choices, "usage": _usage(run, prompts)})
+
+
+async def _completion_stream(state, run: Run, prompts, rid, created, model, n, echo,
+                             texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    if include_usage:
+        base["usage"] = None
+    offsets = [len(echo[c // n]) if echo else 0 for c in range(len(prompts) * n)]
+    try:
+        if echo:
+            for c in range(len(prompts) * n):
+                yield _sse({**base, "choices": [{"index": c, "text": echo[c // n],
+                                                 "logprobs": None, "finish_reason": None}]})
+        async for i, out in run.events():
+            for o in out.outputs:
+                if not (o.text or o.finish_reason or o.logprobs):
+                    continue
+                c = i * n + o.index
+                lp = None
+                if texts is not None and o.logprobs is not None:
+                    lp, offsets[c] = _completion_logprobs(texts, o.logprobs, offsets[c])
+                choice = {"index": c, "text": o.text, "logprobs": lp,
+                          "finish_reason": o.finish_reason}
+                if o.finish_reason:
+                    choice["stop_reason"] = o.stop_reason
+                yield _sse({**base, "choices": [choice]})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(run, prompts)})
+        yield _DONE
+    except ClientDisconnected:
+        return
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        yield _sse(e.body())
+        yield _DONE
+    finally:
+        run.close()
+
+
+# ---------------------------------------------------------------------------- chat
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    arrival = time.monotonic()
+    state = _state(request)
+    try:
+        state.check_admitting()
+        model = _check_model(state, body.model)
+        if body.tools:
+            raise bad_request("tool calling is not supported yet", "tools")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is not supported yet", "tool_choice")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise bad_request("response_format other than text is not supported yet",
+                              "response_format")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+            else body.max_tokens
+        params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
+                                    vocab_size=state.vocab_size,
+                                    param_names={"logprobs": "top_logprobs"} | (
+                                        {"max_tokens": "max_completion_tokens"}
+                                        if body.max_completion_tokens is not None else {}))
+        text = _render_chat(state, body.messages, body.add_generation_prompt,
+                            body.chat_template_kwargs)
+        prompt = await _encode(state, text, False)
+        _check_context(state, prompt, params.max_tokens, "messages",
+                       "max_completion_tokens" if body.max_completion_tokens is not None
+                       else "max_tokens")
+        rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+        texts = _texts(state) if body.logprobs else None
+        run = Run(state, request, [prompt], params, _hints(body), arrival=arrival,
+                  prefix="chatcmpl")
+        await run.start()
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        raise
+    if body.stream:
+        gen = _chat_stream(state, run, [prompt], rid, created, model, n, texts,
+                           body.stream_options is not None and body.stream_options.include_usage)
+        return _SSEResponse(gen, run)
+
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    stop_reason: list = [None] * n
+    entries: list[list] = [[] for _ in range(n)]
+    try:
+        async for _, out in run.events():
+            for o in out.outputs:
+                pieces[o.index].append(o.text)
+                if o.finish_reason:
+                    finish[o.index], stop_reason[o.index] = o.finish_reason, o.stop_reason
+                if o.logprobs:
+                    entries[o.index].extend(o.logprobs)
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        raise
+    finally:
+        run.close()
+    choices = [{"index": c, "message": {"role": "assistant", "content": "".join(pieces[c])},
+                "logprobs": _chat_logprobs(texts, entries[c]) if texts is not None else None,
+                "finish_reason": finish[c], "stop_reason": stop_reason[c]} for c in range(n)]
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
+                         "model": model, "choices": choices, "usage": _usage(run, [prompt])})
+
+
+async def _chat_stream(state, run: Run, prompts, rid, created, model, n,
+                       texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    if include_usage:
+        base["usage"] = None
+    try:
+        for c in range(n):
+            yield _sse({**base, "choices": [{"index": c,
+                                             "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+        async for _, out in run.events():
+            for o in out.outputs:
+                if not (o.text or o.finish_reason or o.logprobs):
+                    continue
+                choice = {"index": o.index, "delta": {"content": o.text} if o.text else {},
+                          "logprobs": _chat_logprobs(texts, o.logprobs)
+                          if texts is not None and o.logprobs else None,
+                          "finish_reason": o.finish_reason}
+                if o.finish_reason:
+                    choice["stop_reason"] = o.stop_reason
+                yield _sse({**base, "choices": [choice]})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(run, prompts)})
+        yield _DONE
+    except ClientDisconnected:
+        return
+    except APIError as e:
+        state.metrics.count_error(e.code)
+        yield _sse(e.body())
+        yield _DONE
+    finally:
+        run.close()
+
+
+def add_routes(app: FastAPI) -> None:
+    """Register the routes directly on the app, so app.routes is the whole, flat route table
+    (the auth test walks it)."""
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])

@@ -1,0 +1,206 @@
+"""The OpenAI wire format: request bodies (pydantic), the error shape, and the mapping of a
+request's sampling fields onto the engine's SamplingParams.
+
+Responses are built as plain dicts where they are produced (openai.py): on the streaming path
+that is one dict per token, and pydantic models would only add cost there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+
+from metroline.engine.request import SamplingParams
+from metroline.errors import InvalidRequestError
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def _reject_surrogates(value: Any, depth: int = 0) -> None:
+    # JSON may spell lone UTF-16 surrogates ("\ud800"), which are not text: nothing downstream
+    # (tokenizer, UTF-8 output) can handle them, so they are refused at the door.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("invalid_unicode",
+                                      "string is not valid Unicode (lone surrogate)") from None
+    elif depth < 64 and isinstance(value, dict):
+        for k, v in value.items():
+            _reject_surrogates(k, depth + 1)
+            _reject_surrogates(v, depth + 1)
+    elif depth < 64 and isinstance(value, list):
+        for v in value:
+            _reject_surrogates(v, depth + 1)
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored, as vLLM does: clients send provider-specific extras.
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        _reject_surrogates(data)
+        return data
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then extensions)."""
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Extensions (vLLM's names): every engine sampling parameter is reachable.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # Scheduling hints passed through to the engine: lower priority value is served first
+    # (with --scheduling-policy priority); session_id / cache_salt scope the prefix cache.
+    priority: int = 0
+    session_id: str | None = None
+    cache_salt: str | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for the legacy endpoint
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_calls, tool_call_id, ...) reach the chat template.
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for the prompt
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------------- sampling parameters
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}",
+                              "logit_bias") from None
+        if not math.isfinite(value):
+            raise bad_request("logit_bias values must be finite", "logit_bias")
+        out[tid] = value
+    return out
+
+
+def to_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
+                       logprobs: int | None, vocab_size: int,
+                       param_names: dict[str, str] | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a request; raises APIError(400) naming the bad field
+    (`param_names` maps engine names onto the request's, e.g. logprobs -> top_logprobs)."""
+    params = SamplingParams(
+        n=req.n,
+        temperature=_or(req.temperature, 1.0),
+        top_p=_or(req.top_p, 1.0),
+        top_k=_or(req.top_k, 0),
+        min_p=_or(req.min_p, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        frequency_penalty=_or(req.frequency_penalty, 0.0),
+        logit_bias=_logit_bias(req.logit_bias),
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    if params.top_k < 0:
+        raise bad_request("top_k must be >= 0 (or -1 to disable)", "top_k")
+    try:
+        params.validate(vocab_size)
+    except InvalidRequestError as e:
+        param = (param_names or {}).get(e.param, e.param)
+        raise bad_request(str(e), param, e.code) from None
+    return params
+
