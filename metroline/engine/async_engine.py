@@ -107,6 +107,14 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id, None, None))
 
+    async def release_session(self, session_id: str) -> bool:
+        """Drop a session's retained KV (in the loop thread, which owns the KV manager)."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine is not running: {self.dead_error!r}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put(("release_session", session_id, None, fut))
+        return await asyncio.wrap_future(fut)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._cmds.put(("wake", None, None, None))
@@ -134,6 +142,9 @@ class AsyncEngine:
                 return
             self.core.abort_request(rid)
             self._streams.pop(rid, None)
+        elif kind == "release_session":
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(self.core.release_session(rid))
 
     def _deliver(self, out) -> None:
         stream = self._streams.get(out.request_id)

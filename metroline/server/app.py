@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import hmac
 import json
 import logging
@@ -140,7 +141,10 @@ class _AuthMiddleware:
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self.key = api_key.encode()
+        # Several keys (comma-separated) are several tenants; a tenant is named by a digest of
+        # its key, which scopes its prefix cache and sessions (openai.tenant_scoped).
+        self.keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16])
+                     for k in api_key.split(",") if k.strip()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in AUTH_ALLOWLIST:
@@ -150,11 +154,16 @@ class _AuthMiddleware:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 token = value[7:].strip()
                 break
-        if not hmac.compare_digest(token, self.key):
+        tenant = None
+        for key, name in self.keys:  # compare against all, in constant time each
+            if hmac.compare_digest(token, key):
+                tenant = name
+        if tenant is None:
             return await _send_error(send, APIError(
                 401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                 "invalid_request_error", None, "invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"}))
+        scope.setdefault("state", {})["tenant"] = tenant
         return await self.app(scope, receive, send)
 
 

@@ -58,6 +58,11 @@ class _EngineCollector:
         if "pinned_blocks" in s:
             yield gauge("kv_cache_pinned_blocks", "KV blocks retained for sessions.",
                         s["pinned_blocks"])
+        if "pinned_sessions" in s:
+            yield gauge("kv_cache_pinned_sessions", "Sessions whose KV is retained.",
+                        s["pinned_sessions"])
+            yield counter("kv_host_tier_hits", "Prompt tokens restored from the host KV tier.",
+                          s["host_tier_hits"])
         if "kv_evictions" in s:
             yield counter("kv_cache_evictions", "Cached KV blocks evicted for reuse.",
                           s["kv_evictions"])

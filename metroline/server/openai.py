@@ -78,9 +78,20 @@ def _check_context(state, prompt: list[int], max_tokens: int | None, param: str,
                           max_tokens_param, "context_length_exceeded")
 
 
-def _hints(body) -> dict:
-    return {"priority": body.priority, "session_id": body.session_id,
-            "cache_salt": body.cache_salt}
+def tenant_scoped(request: Request, name: str | None) -> str | None:
+    """Prefix a cache salt or session id with the caller's tenant (its API key), so one
+    tenant can never hit, pin or release another's cached KV."""
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None:
+        return name
+    return f"{tenant}/{name or ''}"
+
+
+def _hints(body, request: Request) -> dict:
+    return {"priority": body.priority,
+            "session_id": tenant_scoped(request, body.session_id) if body.session_id else None,
+            "cache_salt": tenant_scoped(request, body.cache_salt),
+            "kv_retention_s": body.kv_retention_s}
 
 
 def _usage(run: Run, prompts: list[list[int]]) -> dict:
@@ -302,7 +313,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
         want_lp = body.logprobs is not None
         texts = _texts(state) if want_lp else None
-        run = Run(state, request, prompts, params, _hints(body), arrival=arrival, prefix="cmpl")
+        run = Run(state, request, prompts, params, _hints(body, request), arrival=arrival, prefix="cmpl")
         await run.start()
     except APIError as e:
         state.metrics.count_error(e.code)
@@ -416,7 +427,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                        else "max_tokens")
         rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         texts = _texts(state) if body.logprobs else None
-        run = Run(state, request, [prompt], params, _hints(body), arrival=arrival,
+        run = Run(state, request, [prompt], params, _hints(body, request), arrival=arrival,
                   prefix="chatcmpl")
         await run.start()
     except APIError as e:
@@ -485,6 +496,15 @@ async def _chat_stream(state, run: Run, prompts, rid, created, model, n,
         run.close()
 
 
+async def delete_session(session_id: str, request: Request) -> dict:
+    """Release the KV a session keeps pinned between turns (see kv_retention_s)."""
+    state = _state(request)
+    if not await state.engine.release_session(tenant_scoped(request, session_id)):
+        raise APIError(404, f"no retained KV for session {session_id!r}", "invalid_request_error",
+                       "session_id", "session_not_found")
+    return {"id": session_id, "object": "session", "deleted": True}
+
+
 def add_routes(app: FastAPI) -> None:
     """Register the routes directly on the app, so app.routes is the whole, flat route table
     (the auth test walks it)."""
@@ -494,3 +514,4 @@ def add_routes(app: FastAPI) -> None:
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"])

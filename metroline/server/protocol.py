@@ -98,10 +98,12 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Scheduling hints passed through to the engine: lower priority value is served first
-    # (with --scheduling-policy priority); session_id / cache_salt scope the prefix cache.
+    # (with --scheduling-policy priority); cache_salt scopes the prefix cache; with a
+    # session_id, kv_retention_s keeps this turn's KV pinned for the next one (seconds).
     priority: int = 0
     session_id: str | None = None
     cache_salt: str | None = None
+    kv_retention_s: float | None = None
 
 
 class CompletionRequest(_SamplingRequest):
