@@ -33,11 +33,19 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeBucket:
+    """Decodes of similar context length, attended together in one padded call."""
+
+    start: int  # first query row in the flat batch
+    slots: torch.Tensor  # [b, L] int64 (padded; see mask)
+    mask: torch.Tensor  # [b, 1, 1, L] bool, True where a real token is
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     num_decode_tokens: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, L] int64 (padded; see decode_mask)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True where a real token is
+    decode_buckets: list[DecodeBucket] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -69,9 +77,40 @@ def _slots_of(block_ids: Sequence[int], start: int, end: int, block_size: int) -
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+def _length_buckets(decodes: list[SeqInfo], max_waste: float = 1.5, min_size: int = 4) -> list[list[SeqInfo]]:
+    """Split consecutive decodes (the runner sorts them by length) into groups whose longest
+    context is at most `max_waste` times the shortest, so padding inside a group stays small;
+    tiny groups are merged, since each group costs a few extra ops per layer."""
+    groups: list[list[SeqInfo]] = []
+    for s in decodes:
+        if (groups and (s.start_pos + 1 <= max_waste * (groups[-1][0].start_pos + 1)
+                        or len(groups[-1]) < min_size)):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _decode_bucket(start: int, group: list[SeqInfo], block_size: int, device) -> DecodeBucket:
+    seq_lens = torch.tensor([s.start_pos + 1 for s in group], dtype=torch.int64)
+    max_blocks = max(s.start_pos // block_size + 1 for s in group)
+    table = torch.zeros(len(group), max_blocks, dtype=torch.int64)
+    for i, s in enumerate(group):
+        n = s.start_pos // block_size + 1
+        table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int64)
+    slots = (table.unsqueeze(-1) * block_size + torch.arange(block_size)).reshape(len(group), -1)
+    L = int(seq_lens.max())
+    slots = slots[:, :L]
+    mask = torch.arange(L).unsqueeze(0) < seq_lens.unsqueeze(1)
+    # Padding points at a real slot (the sequence's first); the mask hides it.
+    slots = torch.where(mask, slots, slots[:, :1])
+    return DecodeBucket(start, slots.to(device), mask.view(len(group), 1, 1, L).to(device))
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Runs anywhere torch runs. Decodes are batched into one padded matmul per layer over
-    gathered K/V (padding only inside attention, never in the flat token batch); prefill chunks
+    """Runs anywhere torch runs. Decodes are batched into a few padded attention calls per
+    layer over gathered K/V, grouped by context length so the padding stays small (padding
+    exists only inside attention, never in the flat token batch); prefill chunks
     use scaled_dot_product_attention per sequence, with a bottom-right causal mask when part
     of the sequence is already cached."""
 
@@ -97,22 +136,10 @@ class TorchAttentionBackend(AttentionBackend):
             q_start += s.num_new_tokens
         meta = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.int64, device=device),
                                  num_decode_tokens=len(decodes), prefills=prefills)
-        if decodes:
-            seq_lens = torch.tensor([s.start_pos + 1 for s in decodes], dtype=torch.int64)
-            max_blocks = max((s.start_pos // block_size) + 1 for s in decodes)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.int64)
-            for i, s in enumerate(decodes):
-                n = s.start_pos // block_size + 1
-                table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int64)
-            offsets = torch.arange(block_size, dtype=torch.int64)
-            slots = (table.unsqueeze(-1) * block_size + offsets).reshape(len(decodes), -1)
-            L = int(seq_lens.max())
-            slots = slots[:, :L]
-            mask = torch.arange(L).unsqueeze(0) < seq_lens.unsqueeze(1)
-            # Padding points at a real slot (the sequence's first); the mask hides it.
-            slots = torch.where(mask, slots, slots[:, :1])
-            meta.decode_slots = slots.to(device)
-            meta.decode_mask = mask.view(len(decodes), 1, 1, L).to(device)
+        start = 0
+        for group in _length_buckets(decodes):
+            meta.decode_buckets.append(_decode_bucket(start, group, block_size, device))
+            start += len(group)
         return meta
 
     def forward(self, q, k, v, kv_cache, meta, scale):
@@ -120,14 +147,13 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        nd = meta.num_decode_tokens
-        if nd:
-            B, L = meta.decode_slots.shape
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
-                                               scale=scale, enable_gqa=True)  # [B, Hq, 1, D]
-            out[:nd] = o.squeeze(2)
+        for b in meta.decode_buckets:
+            rows = slice(b.start, b.start + b.slots.shape[0])
+            kd = k_cache[b.slots].transpose(1, 2)  # [b, Hkv, L, D]
+            vd = v_cache[b.slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), kd, vd, attn_mask=b.mask,
+                                               scale=scale, enable_gqa=True)  # [b, Hq, 1, D]
+            out[rows] = o.squeeze(2)
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [Hq, Lq, D]
             if p.kv_slots is None:

@@ -39,7 +39,8 @@ class ModelRunner:
         """`scheduled`: items with .request, .num_new_tokens, .start_pos, .block_ids, .sample."""
         if not scheduled:
             return {}
-        items = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first, stable
+        # Decodes first, shortest context first (the attention backend groups them by length).
+        items = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1, s.start_pos if s.num_new_tokens == 1 else 0))
         input_ids: list[int] = []
         positions: list[int] = []
         seqs: list[SeqInfo] = []
