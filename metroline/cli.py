@@ -1,4 +1,4 @@
-"""`metroline generate | chat` (and, as they land, serve | bench)."""
+"""`metroline generate | chat | serve | bench`."""
 
 from __future__ import annotations
 
@@ -123,6 +123,61 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _read_chat_template(value: str) -> str:
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:  # given inline, as vLLM also allows
+        return value
+    raise MetrolineError(f"--chat-template: no such file: {value}")
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
+    from metroline.engine.async_engine import AsyncEngine
+    from metroline.engine.core import EngineCore
+    from metroline.model.loader import load_model
+    from metroline.server.app import ServerConfig, api_key_from_env, create_app, serve
+
+    try:  # every flag is checked before the model loads
+        server_config = ServerConfig(
+            served_model_names=tuple(args.served_model_name or ()),
+            api_key=api_key_from_env(args.api_key),
+            max_request_body_bytes=args.max_request_body_bytes,
+            request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+            chat_template=_read_chat_template(args.chat_template) if args.chat_template else None,
+            ready_timeout=args.ready_timeout)
+    except ValueError as e:
+        raise MetrolineError(str(e)) from None
+    cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                        num_blocks=args.num_blocks,
+                        enable_prefix_caching=not args.no_prefix_caching)
+    sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                            policy=args.scheduling_policy,
+                            enable_chunked_prefill=not args.no_chunked_prefill,
+                            max_queued_requests=args.max_queued_requests)
+    model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                               max_model_len=args.max_model_len, seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                        max_model_len=args.max_model_len, show_progress=sys.stderr.isatty())
+    engine = AsyncEngine(EngineCore(loaded, cache, sched, model_config))
+    try:
+        app = create_app(engine, server_config)
+        print(f"metroline serve: {loaded.source.name} on http://{args.host}:{args.port}"
+              f"{' (API key required)' if server_config.api_key else ''}", file=sys.stderr)
+        serve(app, args.host, args.port, log_level=args.log_level,
+              access_log=not args.no_access_log)
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metroline", description="metroline LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -139,6 +194,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                     "/v1/chat/completions, /health, /ready, /metrics, ...)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $METROLINE_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients may use (default: the model's own name)")
+    s.add_argument("--chat-template", default=None,
+                   help="jinja2 chat template file overriding the model's")
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-num-batched-tokens", type=int, default=512)
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="bound on waiting requests; beyond it requests get 429 (default: none)")
+    s.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    s.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks (overrides --kv-cache-memory)")
+    s.add_argument("--kv-cache-memory-fraction", type=float, default=0.25)
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--no-chunked-prefill", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a generation request may take (default: no limit)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take before they are ended")
+    s.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds /ready's one-token generation may take")
+    s.add_argument("--max-request-body-bytes", type=int, default=8 * 2**20)
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--no-access-log", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline
+
+    add_bench_parser(sub)
     return parser
 
 
