@@ -51,6 +51,9 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--no-usage", action="store_true",
                    help="do not ask for stream_options.include_usage (tokens are counted from chunks)")
     g.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    g.add_argument("--session-retention", type=float, default=None, metavar="S",
+                   help="metroline: send each program's calls as one session_id with "
+                        "kv_retention_s=S, so its KV stays pinned between calls")
     d = s.add_argument_group("workload")
     d.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "random", "multiturn", "agent"])
     d.add_argument("--num-prompts", type=int, default=64, help="programs: prompts, conversations or agents")
@@ -214,6 +217,7 @@ def cmd_serve(args) -> int:
                                  timeout=args.timeout, temperature=args.temperature,
                                  fixed_length=not args.no_ignore_eos, include_usage=not args.no_usage,
                                  extra_body=extra, token_counter=TokenCounter(tok),
+                                 session_retention=args.session_retention,
                                  max_connections=max(c or len(programs) for c, _ in points) + 4)
         if not args.model:
             if not models:
@@ -227,6 +231,7 @@ def cmd_serve(args) -> int:
                   "dataset": {**dataset_config(args), **summarize_programs(programs)},
                   "request": {"temperature": args.temperature, "ignore_eos": not args.no_ignore_eos,
                               "include_usage": not args.no_usage, "extra_body": extra,
+                              "session_retention": args.session_retention,
                               "fresh_prefix": not args.no_fresh_prefix},
                   "goodput_slos_ms": slos or None, "price_per_hour": args.price_per_hour, "runs": []}
 

@@ -50,7 +50,8 @@ class StreamingClient:
     def __init__(self, base_url: str, model: str, endpoint: str = "chat", *,
                  api_key: str | None = None, timeout: float = 600.0, max_connections: int = 256,
                  temperature: float = 0.0, fixed_length: bool = True, include_usage: bool = True,
-                 extra_body: dict | None = None, token_counter: TokenCounter | None = None):
+                 extra_body: dict | None = None, token_counter: TokenCounter | None = None,
+                 session_retention: float | None = None):
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
         self.root = api_root(base_url)
@@ -59,6 +60,8 @@ class StreamingClient:
         self.temperature, self.fixed_length, self.include_usage = temperature, fixed_length, include_usage
         self.extra_body = dict(extra_body or {})
         self.counter = token_counter
+        # metroline's extension: each program is a session whose KV stays pinned between calls.
+        self.session_retention = session_retention
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits,
@@ -67,7 +70,7 @@ class StreamingClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    def payload(self, messages: list[dict], max_tokens: int) -> dict:
+    def payload(self, messages: list[dict], max_tokens: int, session_id: str | None = None) -> dict:
         body: dict = {"model": self.model, "max_tokens": max_tokens, "stream": True,
                       "temperature": self.temperature}
         if self.endpoint == "chat":
@@ -79,15 +82,19 @@ class StreamingClient:
         if self.fixed_length:
             body["ignore_eos"] = True
             body["min_tokens"] = max_tokens
+        if self.session_retention and session_id:
+            body["session_id"] = session_id
+            body["kv_retention_s"] = self.session_retention
         body.update(self.extra_body)
         return body
 
-    async def call(self, messages: list[dict], max_tokens: int, record: RequestRecord) -> str:
+    async def call(self, messages: list[dict], max_tokens: int, record: RequestRecord,
+                   session_id: str | None = None) -> str:
         """Stream one call, filling `record` (times relative to the send); returns the text.
 
         Never raises for a failed call: the error lands in `record.error`.
         """
-        body = self.payload(messages, max_tokens)
+        body = self.payload(messages, max_tokens, session_id)
         record.expected_output_tokens = max_tokens
         pieces: list[str] = []
         usage = None

@@ -127,7 +127,8 @@ async def run_programs(client: StreamingClient, programs: list[Program], cfg: Ru
             history_tokens += call.content_tokens
             rec.prompt_tokens = history_tokens  # replaced by the server's count when it sends usage
             rec.start = time.perf_counter() - t_start
-            text = await client.call(messages, call.max_tokens, rec)
+            text = await client.call(messages, call.max_tokens, rec,
+                                     session_id=f"bench-{id(messages)}-{prog.id}")
             bar.update(1)
             if not rec.success:
                 failed = True
