@@ -29,7 +29,7 @@ CONFIGS = {
     "off": (["--no-prefix-caching"], None),
     "on": ([], None),
     "on-pressure": (["--num-blocks", "{small}"], None),
-    "on-retention": (["--num-blocks", "{small}"], 600),
+    "on-retention": (["--num-blocks", "{small}", "--max-pinned-fraction", "0.6"], 600),
 }
 
 

@@ -154,7 +154,9 @@ def cmd_serve(args) -> int:
     cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                         num_blocks=args.num_blocks,
-                        enable_prefix_caching=not args.no_prefix_caching)
+                        enable_prefix_caching=not args.no_prefix_caching,
+                        max_pinned_fraction=args.max_pinned_fraction,
+                        host_kv_cache_memory=args.host_kv_cache_memory)
     sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             policy=args.scheduling_policy,
@@ -216,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache blocks (overrides --kv-cache-memory)")
     s.add_argument("--kv-cache-memory-fraction", type=float, default=0.25)
     s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--max-pinned-fraction", type=float, default=0.25,
+                   help="share of the KV pool that session pins (kv_retention_s) may hold")
+    s.add_argument("--host-kv-cache-memory", type=int, default=None,
+                   help="bytes of host memory for KV evicted from a GPU (default: automatic; 0: off)")
     s.add_argument("--no-chunked-prefill", action="store_true")
     s.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     s.add_argument("--request-timeout", type=float, default=None,
