@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--small-blocks", type=int, default=96,
                     help="KV pool (blocks of 16) for the memory-pressure configs")
     ap.add_argument("--datasets", default="multiturn,agent")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summary", default="prefix_caching", help="summary file name (no extension)")
     ap.add_argument("--max-load", type=float, default=0.7)
     ap.add_argument("--max-wait", type=float, default=600)
     args = ap.parse_args(argv)
@@ -104,13 +106,15 @@ def main(argv=None) -> int:
     for ds in args.datasets.split(","):
         entry = summary["datasets"].setdefault(ds, {"ttft_p50_ms_by_turn": {}, "runs": {}})
         for name, (flags, retention) in CONFIGS.items():
+            if name not in args.configs.split(","):
+                continue
             flags = [f.format(small=args.small_blocks) for f in flags]
             port = free_port()
             cmd = [PY, "-m", "metroline.cli", "serve", "--model", gguf, "--port", str(port),
                    "--no-access-log", "--log-level", "warning", *flags]
             server = Server(name, cmd, port, f"/tmp/prefix_{name}.log")
             try:
-                out = os.path.join(RESULTS, f"prefix_{name}_{ds}.json")
+                out = os.path.join(RESULTS, f"{args.summary}_{name}_{ds}.json")
                 res = run_bench(server.url, name, ds, out, args, retention)
             finally:
                 server.stop()
@@ -121,14 +125,15 @@ def main(argv=None) -> int:
                                    "load": [round(x, 2) for x in os.getloadavg()]}
             print(f"{ds} {name}: {entry['ttft_p50_ms_by_turn'][name]}", file=sys.stderr)
         by = entry["ttft_p50_ms_by_turn"]
-        last = max(by["off"])
-        # How many times lower the median TTFT of the last turn is than with caching off.
-        entry["speedup_vs_off_last_turn"] = {name: by["off"][last] / by[name][last]
-                                             for name in CONFIGS if by[name].get(last)}
-    with open(os.path.join(RESULTS, "prefix_caching.json"), "w") as f:
+        if "off" in by:
+            last = max(by["off"])
+            # How many times lower the median TTFT of the last turn is than with caching off.
+            entry["speedup_vs_off_last_turn"] = {name: by["off"][last] / by[name][last]
+                                                 for name in by if by[name].get(last)}
+    with open(os.path.join(RESULTS, args.summary + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
-    plot(summary, os.path.join(RESULTS, "prefix_caching.png"))
-    print(json.dumps({ds: e["speedup_vs_off_last_turn"] for ds, e in summary["datasets"].items()},
+    plot(summary, os.path.join(RESULTS, args.summary + ".png"))
+    print(json.dumps({ds: e.get("speedup_vs_off_last_turn") for ds, e in summary["datasets"].items()},
                      indent=1))
     return 0
 
