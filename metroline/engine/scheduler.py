@@ -120,6 +120,8 @@ class Scheduler:
                 if self.kv.allocate_slots(req, num_new,
                                           num_lookahead_tokens=self.num_lookahead_tokens) is not None:
                     break
+                if self.kv.release_oldest_pin():  # session pins yield before running work does
+                    continue
                 if len(self.running) == 1:
                     # Alone and still too big for the whole pool: it can never continue.
                     self._finish(req, RequestStatus.FINISHED_LENGTH)
@@ -168,6 +170,10 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if self.kv.allocate_slots(req, num_new, hits, self.num_lookahead_tokens) is None:
+                # With nothing running, only pins can hold the memory it needs: release them
+                # (oldest first) rather than wait for their expiry.
+                if not self.running and self.kv.release_oldest_pin():
+                    continue
                 break
             self.waiting.popleft()
             if req.session_id is not None:

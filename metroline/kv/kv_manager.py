@@ -265,6 +265,12 @@ class KVCacheManager:
         self.num_pinned_blocks -= len(pin.blocks)
         return True
 
+    def release_oldest_pin(self) -> bool:
+        """Give back the oldest pin's blocks: running work must never wait on a retained turn."""
+        if not self.pins:
+            return False
+        return self.release_session(next(iter(self.pins)))
+
     def expire_pins(self, now: float) -> int:
         expired = [sid for sid, pin in self.pins.items() if pin.expires_at <= now]
         for sid in expired:

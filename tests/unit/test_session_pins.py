@@ -109,3 +109,25 @@ def test_scheduler_pins_on_finish_and_releases_on_next_turn():
     assert "s2" not in kv.pins
     kv.release_session("s")
     assert_no_leak(kv)
+
+
+def test_pins_yield_to_work_that_needs_their_memory():
+    kv = KVCacheManager(8, BS, max_pinned_fraction=0.9)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=256), kv, BS, max_model_len=128)
+    for i in range(2):  # two finished sessions pin 3 blocks each: 6 of 8 blocks
+        r = req(f"s{i}", range(100 * i, 100 * i + 3 * BS + 1), session=f"sess{i}", retention=600.0)
+        sched.add_request(r)
+        sched.update_from_output(sched.schedule(), {r.request_id: [1]})
+    assert kv.num_pinned_blocks == 6 and kv.num_free_blocks == 2
+    # A new request needing 5 blocks, with nothing running: the oldest pin is released for it.
+    big = req("big", range(500, 500 + 4 * BS + 3), max_tokens=2)
+    sched.add_request(big)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["big"]
+    assert list(kv.pins) == ["sess1"]
+    sched.update_from_output(out, {"big": [1]})
+    # Growing past the pool while running: the remaining pin goes before any preemption.
+    sched.update_from_output(sched.schedule(), {"big": [2]})
+    assert big.is_finished and sched.num_preemptions == 0
+    kv.release_session("sess1")
+    assert_no_leak(kv)
