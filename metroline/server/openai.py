@@ -355,30 +355,15 @@ async def create_completion(body: CompletionRequest, request: Request):
                          "model": model, "choices": choices, "usage": _usage(run, prompts)})
 
 
-async def _completion_stream(state, run: Run, prompts, rid, created, model, n, echo,
-                             texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+async def _sse_stream(state, run: Run, prompts, base: dict, include_usage: bool,
+                      choices: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """The SSE framing both endpoints share: one chunk per choice delta, the usage chunk,
+    [DONE]; an error after the headers went out becomes an error event; the run always ends."""
     if include_usage:
-        base["usage"] = None
-    offsets = [len(echo[c // n]) if echo else 0 for c in range(len(prompts) * n)]
+        base = {**base, "usage": None}
     try:
-        if echo:
-            for c in range(len(prompts) * n):
-                yield _sse({**base, "choices": [{"index": c, "text": echo[c // n],
-                                                 "logprobs": None, "finish_reason": None}]})
-        async for i, out in run.events():
-            for o in out.outputs:
-                if not (o.text or o.finish_reason or o.logprobs):
-                    continue
-                c = i * n + o.index
-                lp = None
-                if texts is not None and o.logprobs is not None:
-                    lp, offsets[c] = _completion_logprobs(texts, o.logprobs, offsets[c])
-                choice = {"index": c, "text": o.text, "logprobs": lp,
-                          "finish_reason": o.finish_reason}
-                if o.finish_reason:
-                    choice["stop_reason"] = o.stop_reason
-                yield _sse({**base, "choices": [choice]})
+        async for choice in choices:
+            yield _sse({**base, "choices": [choice]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(run, prompts)})
         yield _DONE
@@ -390,6 +375,37 @@ async def _completion_stream(state, run: Run, prompts, rid, created, model, n, e
         yield _DONE
     finally:
         run.close()
+
+
+def _with_stop_reason(choice: dict, o) -> dict:
+    if o.finish_reason:
+        choice["stop_reason"] = o.stop_reason
+    return choice
+
+
+async def _completion_choices(run: Run, n: int, echo, texts: TokenTexts | None,
+                              num_choices: int) -> AsyncIterator[dict]:
+    offsets = [len(echo[c // n]) if echo else 0 for c in range(num_choices)]
+    if echo:
+        for c in range(num_choices):
+            yield {"index": c, "text": echo[c // n], "logprobs": None, "finish_reason": None}
+    async for i, out in run.events():
+        for o in out.outputs:
+            if not (o.text or o.finish_reason or o.logprobs):
+                continue
+            c = i * n + o.index
+            lp = None
+            if texts is not None and o.logprobs is not None:
+                lp, offsets[c] = _completion_logprobs(texts, o.logprobs, offsets[c])
+            yield _with_stop_reason({"index": c, "text": o.text, "logprobs": lp,
+                                     "finish_reason": o.finish_reason}, o)
+
+
+def _completion_stream(state, run: Run, prompts, rid, created, model, n, echo,
+                       texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    return _sse_stream(state, run, prompts, base, include_usage,
+                       _completion_choices(run, n, echo, texts, len(prompts) * n))
 
 
 # ---------------------------------------------------------------------------- chat
@@ -462,38 +478,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                          "model": model, "choices": choices, "usage": _usage(run, [prompt])})
 
 
-async def _chat_stream(state, run: Run, prompts, rid, created, model, n,
-                       texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_choices(run: Run, n: int, texts: TokenTexts | None) -> AsyncIterator[dict]:
+    for c in range(n):
+        yield {"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+               "finish_reason": None}
+    async for _, out in run.events():
+        for o in out.outputs:
+            if not (o.text or o.finish_reason or o.logprobs):
+                continue
+            yield _with_stop_reason({
+                "index": o.index, "delta": {"content": o.text} if o.text else {},
+                "logprobs": _chat_logprobs(texts, o.logprobs) if texts is not None and o.logprobs else None,
+                "finish_reason": o.finish_reason}, o)
+
+
+def _chat_stream(state, run: Run, prompts, rid, created, model, n,
+                 texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    if include_usage:
-        base["usage"] = None
-    try:
-        for c in range(n):
-            yield _sse({**base, "choices": [{"index": c,
-                                             "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-        async for _, out in run.events():
-            for o in out.outputs:
-                if not (o.text or o.finish_reason or o.logprobs):
-                    continue
-                choice = {"index": o.index, "delta": {"content": o.text} if o.text else {},
-                          "logprobs": _chat_logprobs(texts, o.logprobs)
-                          if texts is not None and o.logprobs else None,
-                          "finish_reason": o.finish_reason}
-                if o.finish_reason:
-                    choice["stop_reason"] = o.stop_reason
-                yield _sse({**base, "choices": [choice]})
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(run, prompts)})
-        yield _DONE
-    except ClientDisconnected:
-        return
-    except APIError as e:
-        state.metrics.count_error(e.code)
-        yield _sse(e.body())
-        yield _DONE
-    finally:
-        run.close()
+    return _sse_stream(state, run, prompts, base, include_usage, _chat_choices(run, n, texts))
 
 
 async def delete_session(session_id: str, request: Request) -> dict:
