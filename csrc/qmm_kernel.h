@@ -1,0 +1,124 @@
+// The quantized matmul, written once over a small vector-ops struct V and instantiated per
+// ISA (qmm_avx2.cpp, qmm_avx512.cpp). Include it inside an anonymous namespace, after the
+// file's target pragma: every symbol then stays local to that ISA's translation unit, so
+// the linker can never pick an AVX-512 copy of a helper for the AVX2 path.
+//
+// V provides (R = output rows per vector, 8 for ymm, 16 for zmm):
+//   I load(const uint8_t*)           R*4 bytes of packed quants
+//   I bcast4(const int8_t*)          4 activation bytes to every 32-bit lane
+//   I lo4(I), hi4(I)                 nibbles of Q4 bytes
+//   I dot_q4(I acc, I w, I x), I fin_q4(I acc)      u4 x s8 sums -> int32 per lane
+//   W8 prep_q8(I w); I dot_q8(I acc, W8, I x); I fin_q8(I acc)   s8 x s8
+//   Q8_OFF: dot_q8 sums (w + Q8_OFF) * x (VNNI multiplies unsigned by signed bytes)
+//   F load_h(const uint8_t*)         R fp16 scales -> fp32
+//   zero_i, zero_f, bcastf, cvt, mul, fmadd, sub_bcast, store(float*, F, n valid)
+//   MT_MAX: activation rows per register tile; RV_FULL_UPTO: up to that tile height a tile
+//   covers all G rows of a group (G/R vectors), above it one vector of rows at a time.
+
+template <class V, int FMT, int RV, int MT>
+static inline void qmm_tile(const QArgs& a, int64_t g, int v0, int64_t m0) {
+  constexpr int R = V::R, NC = FMT == Q8_0 ? 8 : 4, REC = rec_bytes(FMT), QO = rec_qoff(FMT);
+  constexpr int OFF = FMT == Q4_0 ? 8 : FMT == Q8_0 ? V::Q8_OFF : 0;
+  using I = typename V::I;
+  using F = typename V::F;
+  const int64_t nb = a.nb, K = a.K;
+  const uint8_t* rec = a.w + g * nb * REC;
+  const int8_t* xq = a.x.q + m0 * K;
+  F acc[RV][MT];
+#pragma GCC unroll 16
+  for (int v = 0; v < RV; ++v)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) acc[v][m] = V::zero_f();
+
+  for (int64_t b = 0; b < nb; ++b, rec += REC, xq += QK) {
+    I ia[RV][MT];
+#pragma GCC unroll 16
+    for (int v = 0; v < RV; ++v)
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) ia[v][m] = V::zero_i();
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+#pragma GCC unroll 16
+      for (int v = 0; v < RV; ++v) {
+        const I w = V::load(rec + QO + c * 64 + (v0 + v) * R * 4);
+        if constexpr (FMT == Q8_0) {
+          const auto w8 = V::prep_q8(w);
+#pragma GCC unroll 16
+          for (int m = 0; m < MT; ++m)
+            ia[v][m] = V::dot_q8(ia[v][m], w8, V::bcast4(xq + m * K + 4 * c));
+        } else {
+          const I lo = V::lo4(w), hi = V::hi4(w);
+#pragma GCC unroll 16
+          for (int m = 0; m < MT; ++m) {
+            ia[v][m] = V::dot_q4(ia[v][m], lo, V::bcast4(xq + m * K + 4 * c));
+            ia[v][m] = V::dot_q4(ia[v][m], hi, V::bcast4(xq + m * K + 16 + 4 * c));
+          }
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < RV; ++v) {
+      const F d = V::load_h(rec + (v0 + v) * R * 2);
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) {
+        const int64_t i = (m0 + m) * nb + b;
+        I s = FMT == Q8_0 ? V::fin_q8(ia[v][m]) : V::fin_q4(ia[v][m]);
+        if constexpr (OFF != 0) s = V::sub_bcast(s, OFF * a.x.s[i]);
+        acc[v][m] = V::fmadd(V::cvt(s), V::mul(d, V::bcastf(a.x.d[i])), acc[v][m]);
+        if constexpr (FMT == Q4_1)
+          acc[v][m] = V::fmadd(V::load_h(rec + 32 + (v0 + v) * R * 2), V::bcastf(a.x.ds[i]),
+                               acc[v][m]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < RV; ++v) {
+    const int64_t row = g * G + (v0 + v) * R;
+    const int n = a.N - row < R ? int(a.N - row) : R;
+    if (n <= 0) continue;
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) V::store(a.y + (m0 + m) * a.N + row, acc[v][m], n);
+  }
+}
+
+template <class V, int FMT, int MT>
+static inline void qmm_rows(const QArgs& a, int64_t g, int64_t m0) {
+  constexpr int VPG = G / V::R;
+  if constexpr (MT <= V::RV_FULL_UPTO) {
+    qmm_tile<V, FMT, VPG, MT>(a, g, 0, m0);
+  } else {
+    for (int v = 0; v < VPG; ++v) qmm_tile<V, FMT, 1, MT>(a, g, v, m0);
+  }
+}
+
+template <class V, int FMT, int MT>
+static inline void qmm_tail(const QArgs& a, int64_t g, int64_t m0, int64_t rem) {
+  if constexpr (MT >= 1) {
+    if (rem == MT) return qmm_rows<V, FMT, MT>(a, g, m0);
+    qmm_tail<V, FMT, MT - 1>(a, g, m0, rem);
+  }
+}
+
+// Activation rows are taken MB at a time so that block of quantized x stays in L2 while the
+// thread's weight slice streams past it; up to MB rows, each weight byte is read once.
+template <class V, int FMT>
+static void qmm_fmt(const QArgs& a, int64_t g0, int64_t g1) {
+  constexpr int64_t MB = 64, T = V::MT_MAX;
+  for (int64_t mb = 0; mb < a.M; mb += MB) {
+    const int64_t me = a.M < mb + MB ? a.M : mb + MB;
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t m = mb;
+      for (; me - m >= T; m += T) qmm_rows<V, FMT, T>(a, g, m);
+      if (m < me) qmm_tail<V, FMT, T - 1>(a, g, m, me - m);
+    }
+  }
+}
+
+template <class V>
+static void qmm_any(const QArgs& a, int64_t g0, int64_t g1) {
+  switch (a.fmt) {
+    case Q4_0: return qmm_fmt<V, Q4_0>(a, g0, g1);
+    case Q4_1: return qmm_fmt<V, Q4_1>(a, g0, g1);
+    case Q8_0: return qmm_fmt<V, Q8_0>(a, g0, g1);
+  }
+}

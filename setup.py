@@ -1,0 +1,69 @@
+"""Builds metroline._C, the packed-weight matmul kernels (csrc/), as a torch C++ extension.
+
+Everything else lives in pyproject.toml. The extension is optional: when torch is missing at
+build time or the compiler fails, the install goes on without it and metroline runs its
+pure-torch path (metroline.kernels says why). Building needs torch importable by the build,
+so install with `pip install --no-build-isolation -e .` (scripts/setup.sh does).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+SOURCES = [
+    "csrc/ops.cpp",
+    "csrc/module.cpp",
+    "csrc/qmm_scalar.cpp",
+    "csrc/qmm_avx2.cpp",
+    "csrc/qmm_avx512.cpp",
+]
+# No -march: each ISA's code is compiled for its target by a pragma in its own file, and
+# picked at run time, so one build runs on any x86-64. -ffp-contract=off keeps dequant
+# bit-identical to gguf's (no fused d*q+m).
+CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
+HINT = "To fix: install a C++17 compiler (g++ >= 9) and run `pip install --no-build-isolation -e .`"
+
+
+def warn(reason: str) -> None:
+    reason = " ".join(str(reason).split())[:300]
+    print(
+        f"metroline: C++ kernels not built ({reason}); running on the torch path, slower. {HINT}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def extension_setup() -> dict:
+    if os.environ.get("METROLINE_NO_EXT"):
+        warn("METROLINE_NO_EXT is set")
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # torch not importable by the build (build isolation?)
+        warn(f"torch not importable at build time: {type(e).__name__}: {e}")
+        return {}
+
+    class OptionalBuildExt(BuildExtension):
+        """BuildExtension that turns any failure into one warning line."""
+
+        def run(self):
+            try:
+                super().run()
+            except BaseException as e:  # noqa: BLE001 - the install must go on
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                warn(f"{type(e).__name__}: {e}")
+
+    ext = CppExtension(
+        "metroline._C",
+        SOURCES,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}
+
+
+setup(**extension_setup())
