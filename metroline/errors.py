@@ -1,4 +1,5 @@
-"""User-facing errors: raised at the boundary, printed as one line by the CLI."""
+"""User-facing errors: raised at the boundary, printed as one line by the CLI, mapped to HTTP
+statuses by the server (InvalidRequestError 400, QueueFullError 429, EngineDeadError 503)."""
 
 
 class MetrolineError(Exception):
@@ -16,3 +17,11 @@ class InvalidRequestError(MetrolineError, ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class QueueFullError(MetrolineError):
+    """The waiting queue is at max_queued_requests: retry later (the server answers 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died or was shut down; no request can be served."""

@@ -295,12 +295,6 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
-
-        return cls.from_gguf_metadata(read_gguf_metadata(open_gguf(path)))
-
-    @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
         path = os.fspath(path)
         file = os.path.join(path, "tokenizer.json")

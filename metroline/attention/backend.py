@@ -2,7 +2,8 @@
 
 KV cache layout, per layer: two tensors [num_blocks * block_size, num_kv_heads, head_dim].
 A token's slot is block_id * block_size + offset; `slot_mapping[i]` is where token i of the
-flat batch writes its K and V. Sequences are ordered decodes first (one query token each),
+flat batch writes its K and V. Sequences are ordered decode-like first (a few query tokens,
+at most MAX_DECODE_QUERY: a decode, or a decode with draft tokens to verify, over a cache),
 then prefill chunks (any number of query tokens over any number of cached ones).
 """
 
@@ -13,6 +14,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+# A sequence with at most this many query tokens over a non-empty cache is attended like a
+# decode (batched with others, no per-sequence call): speculative verification of k drafts
+# has k + 1 query tokens.
+MAX_DECODE_QUERY = 16
 
 
 @dataclass
@@ -34,11 +40,19 @@ class PrefillSeq:
 
 @dataclass
 class DecodeBucket:
-    """Decodes of similar context length, attended together in one padded call."""
+    """Decode-like sequences of similar context length, attended together in one padded call.
+
+    With one query token each (plain decodes) the bucket's rows are start..start+b. With up to
+    Q query tokens each, `q_rows[i, j]` is the flat row of sequence i's query j (padding
+    repeats the sequence's last real query), `q_valid` says which are real, and the mask is
+    causal: query j of a sequence at position p0 + j sees its keys 0..p0 + j."""
 
     start: int  # first query row in the flat batch
     slots: torch.Tensor  # [b, L] int64 (padded; see mask)
-    mask: torch.Tensor  # [b, 1, 1, L] bool, True where a real token is
+    mask: torch.Tensor  # [b, 1, Q, L] bool, True where a key is visible
+    q_rows: torch.Tensor | None = None  # [b, Q] int64, when Q > 1
+    q_valid: torch.Tensor | None = None  # [b, Q] bool, when Q > 1
+    num_rows: int = 0  # query rows of the flat batch covered (sum of q_len)
 
 
 @dataclass
@@ -72,15 +86,20 @@ class AttentionBackend:
                 scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def is_decode_like(num_new_tokens: int, start_pos: int) -> bool:
+        """Attended in a batched decode call rather than the per-sequence prefill path."""
+        return num_new_tokens == 1 or (start_pos > 0 and num_new_tokens <= MAX_DECODE_QUERY)
+
 
 def _slots_of(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def _length_buckets(decodes: list[SeqInfo], max_waste: float = 1.5, min_size: int = 4) -> list[list[SeqInfo]]:
-    """Split consecutive decodes (the runner sorts them by length) into groups whose longest
-    context is at most `max_waste` times the shortest, so padding inside a group stays small;
-    tiny groups are merged, since each group costs a few extra ops per layer."""
+    """Split consecutive decode-likes (the runner sorts them by length) into groups whose
+    longest context is at most `max_waste` times the shortest, so padding inside a group stays
+    small; tiny groups are merged, since each group costs a few extra ops per layer."""
     groups: list[list[SeqInfo]] = []
     for s in decodes:
         if (groups and (s.start_pos + 1 <= max_waste * (groups[-1][0].start_pos + 1)
@@ -92,19 +111,35 @@ def _length_buckets(decodes: list[SeqInfo], max_waste: float = 1.5, min_size: in
 
 
 def _decode_bucket(start: int, group: list[SeqInfo], block_size: int, device) -> DecodeBucket:
-    seq_lens = torch.tensor([s.start_pos + 1 for s in group], dtype=torch.int64)
-    max_blocks = max(s.start_pos // block_size + 1 for s in group)
+    seq_lens = torch.tensor([s.start_pos + s.num_new_tokens for s in group], dtype=torch.int64)
+    max_blocks = max((s.start_pos + s.num_new_tokens - 1) // block_size + 1 for s in group)
     table = torch.zeros(len(group), max_blocks, dtype=torch.int64)
     for i, s in enumerate(group):
-        n = s.start_pos // block_size + 1
+        n = (s.start_pos + s.num_new_tokens - 1) // block_size + 1
         table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int64)
     slots = (table.unsqueeze(-1) * block_size + torch.arange(block_size)).reshape(len(group), -1)
     L = int(seq_lens.max())
     slots = slots[:, :L]
-    mask = torch.arange(L).unsqueeze(0) < seq_lens.unsqueeze(1)
+    key_ok = torch.arange(L).unsqueeze(0) < seq_lens.unsqueeze(1)  # [b, L]
     # Padding points at a real slot (the sequence's first); the mask hides it.
-    slots = torch.where(mask, slots, slots[:, :1])
-    return DecodeBucket(start, slots.to(device), mask.view(len(group), 1, 1, L).to(device))
+    slots = torch.where(key_ok, slots, slots[:, :1])
+    q_lens = [s.num_new_tokens for s in group]
+    Q = max(q_lens)
+    num_rows = sum(q_lens)
+    if Q == 1:
+        return DecodeBucket(start, slots.to(device), key_ok.view(len(group), 1, 1, L).to(device),
+                            num_rows=num_rows)
+    q_len = torch.tensor(q_lens, dtype=torch.int64)
+    j = torch.arange(Q).unsqueeze(0)  # [1, Q]
+    q_valid = j < q_len.unsqueeze(1)
+    firsts = torch.tensor([0] + q_lens[:-1], dtype=torch.int64).cumsum(0) + start
+    q_rows = firsts.unsqueeze(1) + torch.minimum(j, q_len.unsqueeze(1) - 1)
+    # Query j sits at position start_pos + j: it sees keys < start_pos + j + 1.
+    start_pos = torch.tensor([s.start_pos for s in group], dtype=torch.int64)
+    limit = (start_pos.unsqueeze(1) + torch.minimum(j, q_len.unsqueeze(1) - 1) + 1)  # [b, Q]
+    mask = torch.arange(L).view(1, 1, L) < limit.unsqueeze(2)  # [b, Q, L]
+    return DecodeBucket(start, slots.to(device), mask.unsqueeze(1).to(device),
+                        q_rows.to(device), q_valid.to(device), num_rows)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -123,7 +158,7 @@ class TorchAttentionBackend(AttentionBackend):
         q_start = 0
         for s in seqs:
             slot_mapping += _slots_of(s.block_ids, s.start_pos, s.start_pos + s.num_new_tokens, block_size)
-            if s.num_new_tokens == 1 and not prefills:
+            if self.is_decode_like(s.num_new_tokens, s.start_pos) and not prefills:
                 decodes.append(s)
             else:
                 assert s.num_new_tokens >= 1
@@ -138,8 +173,10 @@ class TorchAttentionBackend(AttentionBackend):
                                  num_decode_tokens=len(decodes), prefills=prefills)
         start = 0
         for group in _length_buckets(decodes):
-            meta.decode_buckets.append(_decode_bucket(start, group, block_size, device))
-            start += len(group)
+            bucket = _decode_bucket(start, group, block_size, device)
+            meta.decode_buckets.append(bucket)
+            start += bucket.num_rows
+        meta.num_decode_tokens = start
         return meta
 
     def forward(self, q, k, v, kv_cache, meta, scale):
@@ -148,12 +185,18 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for b in meta.decode_buckets:
-            rows = slice(b.start, b.start + b.slots.shape[0])
             kd = k_cache[b.slots].transpose(1, 2)  # [b, Hkv, L, D]
             vd = v_cache[b.slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), kd, vd, attn_mask=b.mask,
-                                               scale=scale, enable_gqa=True)  # [b, Hq, 1, D]
-            out[rows] = o.squeeze(2)
+            if b.q_rows is None:  # one query each: rows are contiguous
+                rows = slice(b.start, b.start + b.num_rows)
+                o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), kd, vd, attn_mask=b.mask,
+                                                   scale=scale, enable_gqa=True)  # [b, Hq, 1, D]
+                out[rows] = o.squeeze(2)
+            else:
+                qb = q[b.q_rows].transpose(1, 2)  # [b, Hq, Q, D]
+                o = F.scaled_dot_product_attention(qb, kd, vd, attn_mask=b.mask, scale=scale,
+                                                   enable_gqa=True).transpose(1, 2)  # [b, Q, Hq, D]
+                out[b.q_rows[b.q_valid]] = o[b.q_valid]
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [Hq, Lq, D]
             if p.kv_slots is None:
@@ -177,11 +220,9 @@ class TorchAttentionBackend(AttentionBackend):
 _BACKENDS = {"torch": TorchAttentionBackend}
 
 
-def get_attention_backend(name: str = "auto", device: torch.device | None = None) -> AttentionBackend:
-    """Resolve a backend by name. 'auto' picks the best one available for the device; a CUDA
-    backend (flash-attn / FlashInfer) registers here when present."""
-    if name == "auto":
-        name = "torch"
+def get_attention_backend(name: str) -> AttentionBackend:
+    """A backend by name ('auto' is resolved by metroline.platform; a CUDA backend, e.g.
+    flash-attn or FlashInfer, registers here when present)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (available: {sorted(_BACKENDS)})")
     return _BACKENDS[name]()

@@ -15,17 +15,16 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from metroline.engine.core import EngineCore
-from metroline.engine.request import RequestOutput, SamplingParams
+from metroline.engine.request import EngineInfo, EngineStats, RequestHints, RequestOutput, SamplingParams
+from metroline.errors import EngineDeadError
+
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 logger = logging.getLogger("metroline.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has died; no request can be served."""
 
 
 @dataclass
@@ -54,20 +53,25 @@ class AsyncEngine:
         return self.core.tokenizer
 
     @property
+    def info(self) -> EngineInfo:
+        return self.core.info
+
+    @property
     def is_alive(self) -> bool:
         return self._closed_error is None and self.dead_error is None and self._thread.is_alive()
 
     def num_requests(self) -> int:
         return len(self._streams)
 
-    def get_stats(self) -> dict:
+    def get_stats(self) -> EngineStats:
         """EngineCore.get_stats() plus this front's open streams (callable from any thread)."""
-        return {**self.core.get_stats(), "num_streams": len(self._streams)}
+        return replace(self.core.get_stats(), num_streams=len(self._streams))
 
     # ------------------------------------------------------------------ front
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, **hints) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None,
+                       hints: RequestHints | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and iterate over its output deltas until it finishes.
 
         Raises InvalidRequestError / QueueFullError at submission. Closing the iterator early
@@ -129,7 +133,7 @@ class AsyncEngine:
             if not fut.set_running_or_notify_cancel():
                 return  # the caller gave up (cancelled) before we got to it
             try:
-                self.core.add_request(rid, prompt, params, **hints)
+                self.core.add_request(rid, prompt, params, hints)
             except BaseException as e:
                 fut.set_exception(e)
                 return

@@ -1,8 +1,10 @@
-"""EngineCore: the step loop. schedule -> execute -> update, then detokenize and emit outputs.
+"""EngineCore: the step loop. propose drafts -> schedule -> execute -> update -> emit outputs.
 
 Users submit "groups" (one prompt, n samples); the scheduler sees one Request per sample.
-Outputs are deltas: each step's RequestOutput carries only the new text and token ids of each
-sample, so streaming is free and LLM.generate accumulates.
+The runner returns a ModelRunnerOutput and only the scheduler applies it (tokens, stops, KV
+rollback, prefix caching); the core then turns what changed into RequestOutputs. Outputs are
+deltas: each step's RequestOutput carries only the new text and token ids of each sample, so
+streaming is free and LLM.generate accumulates.
 """
 
 from __future__ import annotations
@@ -11,31 +13,29 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
-from metroline.engine.request import (FINISH_REASON, CompletionOutput, Request, RequestOutput,
-                                      RequestStatus, SamplingParams)
+from metroline.engine.output_text import OutputText
+from metroline.engine.request import (FINISH_REASON, CompletionOutput, EngineInfo, EngineStats,
+                                      Request, RequestHints, RequestOutput, RequestStatus,
+                                      SamplingParams)
 from metroline.engine.runner import ModelRunner
 from metroline.engine.scheduler import Scheduler
+from metroline.engine.validation import EngineLimits, validate_request
 from metroline.errors import InvalidRequestError
 from metroline.kv.kv_manager import KVCacheManager
+from metroline.platform import resolve_attention_backend, resolve_host_kv_cache_memory
 
 logger = logging.getLogger("metroline.engine")
 
 
-@dataclass
-class _SampleState:
-    """Per-sample output state: detokenizer, stop-string search, what was already sent."""
+class Proposer(Protocol):
+    """Drafts tokens for speculative decoding (engine/speculative.py will hold the real ones)."""
 
-    request: Request
-    detok: object
-    text: str = ""
-    sent_chars: int = 0
-    sent_tokens: int = 0
-    sent_logprobs: int = 0
-    finished_sent: bool = False
+    def propose(self, request: Request, k: int) -> list[int]: ...
 
 
 @dataclass
@@ -43,13 +43,15 @@ class _Group:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    samples: list[_SampleState]
+    samples: list[Request]
     arrival_time: float
-    metrics: dict = field(default_factory=dict)
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_logprobs: list[int] = field(default_factory=list)
+    finished_sent: list[bool] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
-        return all(s.request.is_finished for s in self.samples)
+        return all(r.is_finished for r in self.samples)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -69,7 +71,8 @@ def available_memory_bytes(device: torch.device) -> int:
 class EngineCore:
     def __init__(self, loaded, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None,
-                 model_config: ModelConfig | None = None, attention_backend: str = "auto"):
+                 model_config: ModelConfig | None = None, attention_backend: str = "auto",
+                 proposer: Proposer | None = None, num_speculative_tokens: int = 0):
         from metroline.attention.backend import get_attention_backend
 
         self.cache_config = cache_config or CacheConfig()
@@ -88,91 +91,89 @@ class EngineCore:
                 available_memory_bytes(self.device) * self.cache_config.kv_cache_memory_fraction)
             num_blocks = max(2, budget // (per_token * bs))
         self.num_blocks = num_blocks
-        ctx = model.model.rotary_emb.max_positions
+        ctx = model.max_positions
         self.max_model_len = min(self.scheduler_config.max_model_len or ctx, ctx, num_blocks * bs)
-        self.runner = ModelRunner(model, get_attention_backend(attention_backend, self.device),
-                                  num_blocks, bs, self.device, self.dtype, self.model_config.seed)
+        backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
+        self.runner = ModelRunner(model, backend, num_blocks, bs, self.device, self.dtype,
+                                  self.model_config.seed)
         self.host_tier = self._make_host_tier(per_token * bs)
         self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching,
                                          self.cache_config.max_pinned_fraction, self.host_tier)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, bs, self.max_model_len)
+        self.limits = EngineLimits(loaded.config.vocab_size, self.max_model_len, num_blocks * bs,
+                                   self.scheduler_config.max_num_batched_tokens,
+                                   self.scheduler_config.enable_chunked_prefill)
+        self.proposer = proposer
+        self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
         self.groups: dict[str, _Group] = {}
         self._sample_to_group: dict[str, _Group] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.num_steps = 0
+        self.info = EngineInfo(model_name=loaded.source.name, max_model_len=self.max_model_len,
+                               vocab_size=loaded.config.vocab_size, device=str(self.device),
+                               dtype=str(self.dtype).removeprefix("torch."), num_blocks=num_blocks,
+                               block_size=bs)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
                     num_blocks, bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 
     def _make_host_tier(self, bytes_per_block: int):
         from metroline.kv.host_tier import HostKVTier
 
-        budget = self.cache_config.host_kv_cache_memory
-        if budget is None:
-            budget = int(available_memory_bytes(torch.device("cpu")) * 0.1) if self.device.type == "cuda" else 0
-        if not budget or not self.cache_config.enable_prefix_caching or budget < bytes_per_block:
+        budget = resolve_host_kv_cache_memory(
+            self.cache_config.host_kv_cache_memory, self.device,
+            self.cache_config.enable_prefix_caching,
+            available_memory_bytes(torch.device("cpu")) if self.device.type == "cuda" else 0)
+        if budget < bytes_per_block:
             return None
         return HostKVTier(self.runner.kv_caches, self.cache_config.block_size, budget // bytes_per_block)
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    priority: int = 0, session_id: str | None = None, program_id: str | None = None,
-                    cache_salt: str | None = None, arrival_time: float | None = None,
-                    kv_retention_s: float | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hints: RequestHints | None = None, *, arrival_time: float | None = None) -> None:
         """Validate and enqueue. Raises InvalidRequestError (or QueueFullError): nothing is kept."""
         from metroline.tokenizer import IncrementalDetokenizer
 
+        hints = hints or RequestHints()
         if request_id in self.groups:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.loaded.config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        params.validate(vocab)
-        if kv_retention_s is not None and not (0 <= kv_retention_s <= 24 * 3600):
-            raise InvalidRequestError("kv_retention_s must be in [0, 86400]", param="kv_retention_s")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt >= self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                f"has {n_prompt} tokens", param="prompt", code="context_length_exceeded")
-        max_tokens = params.max_tokens or (self.max_model_len - n_prompt)
-        if n_prompt + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but "
-                f"{n_prompt} prompt tokens + {max_tokens} max_tokens were requested",
-                param="max_tokens", code="context_length_exceeded")
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id",
+                                      code="duplicate_request_id")
+        max_tokens = validate_request(prompt_token_ids, params, hints, self.limits)
         eos = frozenset(self.tokenizer.stop_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         samples = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, prompt_token_ids, params, eos_token_ids=eos, arrival_time=arrival,
-                          priority=priority, session_id=session_id, program_id=program_id,
-                          cache_salt=cache_salt, group_id=request_id, sample_index=i,
-                          kv_retention_s=kv_retention_s)
+                          priority=hints.priority, session_id=hints.session_id,
+                          program_id=hints.program_id, cache_salt=hints.cache_salt,
+                          group_id=request_id, sample_index=i, kv_retention_s=hints.kv_retention_s)
             req.max_tokens = max_tokens
-            samples.append(_SampleState(req, IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens)))
+            req.output_text = OutputText(
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                       skip_special_tokens=params.skip_special_tokens),
+                params.stop, params.include_stop_str_in_output)
+            samples.append(req)
         added = []
         try:
-            for s in samples:
-                self.scheduler.add_request(s.request)
-                added.append(s.request.request_id)
+            for req in samples:
+                self.scheduler.add_request(req)
+                added.append(req.request_id)
         except Exception:
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
             raise
-        group = _Group(request_id, list(prompt_token_ids), params, samples, arrival)
+        n = len(samples)
+        group = _Group(request_id, list(prompt_token_ids), params, samples, arrival,
+                       [0] * n, [0] * n, [False] * n)
         self.groups[request_id] = group
-        for s in samples:
-            self._sample_to_group[s.request.request_id] = group
+        for req in samples:
+            self._sample_to_group[req.request_id] = group
 
     def abort_request(self, request_id: str) -> None:
         """Abort a group (all its samples); its blocks are freed at once. Unknown ids are ignored."""
         group = self.groups.pop(request_id, None)
         if group is None:
             return
-        ids = [s.request.request_id for s in group.samples]
+        ids = [r.request_id for r in group.samples]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for rid in ids:
             self._sample_to_group.pop(rid, None)
@@ -185,107 +186,85 @@ class EngineCore:
         """Drop a session's retained KV (DELETE /v1/sessions/{id}); False if none was pinned."""
         return self.kv_manager.release_session(session_id)
 
-    def get_stats(self) -> dict:
+    def get_stats(self) -> EngineStats:
         """A snapshot of gauges and monotonic counters, for metrics. Only plain ints and floats
         are read, so another thread (the server's) may call it while the loop steps."""
         sched, kv = self.scheduler, self.kv_manager
-        return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
-                "kv_cache_usage": kv.usage, "num_blocks": self.num_blocks,
-                "num_preemptions": sched.num_preemptions,
-                "prefix_cache_queries": kv.prefix_cache_queries,
-                "prefix_cache_hits": kv.prefix_cache_hits,
-                "pinned_blocks": kv.num_pinned_blocks, "pinned_sessions": len(kv.pins),
-                "kv_evictions": kv.pool.num_evictions, "host_tier_hits": kv.host_tier_hits,
-                **self.stats}
+        return EngineStats(
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            kv_cache_usage=kv.usage, num_blocks=self.num_blocks,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            pinned_blocks=kv.num_pinned_blocks, pinned_sessions=len(kv.pins),
+            kv_evictions=kv.pool.num_evictions, host_tier_hits=kv.host_tier_hits,
+            prompt_tokens=sched.num_prompt_tokens_computed,
+            generation_tokens=sched.num_generation_tokens, steps=self.num_steps,
+            spec_draft_tokens=sched.num_spec_draft_tokens,
+            spec_accepted_tokens=sched.num_spec_accepted_tokens)
 
     # ----------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
-        touched: dict[str, _Group] = {}
-
-        def touch(reqs) -> None:
-            for req in reqs:
-                g = self._sample_to_group.get(req.request_id)
-                if g:
-                    touched[g.request_id] = g
-
-        touch(sched.finished)
+        changed = list(sched.finished)
         if sched.scheduled:
-            self.stats["steps"] += 1
+            self.num_steps += 1
             try:
-                results = self.runner.execute(sched.scheduled)
+                result = self.runner.execute(sched.scheduled)
             except Exception as e:  # a failed step fails its requests, never the engine
                 logger.exception("model step failed")
-                ids = [s.request.request_id for s in sched.scheduled]
-                for s in sched.scheduled:
-                    s.request.error = f"{type(e).__name__}: {e}"
-                self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
-                touch(s.request for s in sched.scheduled)
-                results = None
-            if results is not None:
-                self.stats["prompt_tokens"] += sum(
-                    max(0, min(s.start_pos + s.num_new_tokens, s.request.num_prompt_tokens) - s.start_pos)
-                    for s in sched.scheduled)
-                for rid, res in results.items():
-                    req = self.scheduler.get_request(rid)
-                    if req is not None and res.logprob is not None:
-                        req.output_logprobs.append((res.token_id, res.logprob, res.top_logprobs))
-                changed = self.scheduler.update_from_output(
-                    sched, {rid: [res.token_id] for rid, res in results.items()})
-                self.stats["generation_tokens"] += len(results)
-                touch(changed)
+                changed = self.scheduler.fail_step(sched, f"{type(e).__name__}: {e}")
+            else:
+                changed = self.scheduler.update_from_output(sched, result)
+        touched: dict[str, _Group] = {}
+        for req in changed:
+            g = self._sample_to_group.get(req.request_id)
+            if g is not None:
+                touched[g.request_id] = g
         return [self._make_output(g) for g in touched.values()]
 
+    def _propose(self) -> None:
+        """Ask the proposer for drafts for the requests about to decode. Drafting is exact for
+        greedy requests without per-token state (penalties, processors, min_tokens pending);
+        the others decode one token at a time."""
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens != 1 or not _can_draft(req):
+                continue
+            k = min(self.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
+                    self.max_model_len - req.num_tokens - 1)
+            if k > 0:
+                req.spec_token_ids = list(self.proposer.propose(req, k))[:k]
+
     def _make_output(self, g: _Group) -> RequestOutput:
-        stops = g.params.stop
-        hold = max((len(s) for s in stops), default=1) - 1
         outs = []
-        for i, st in enumerate(g.samples):
-            req = st.request
-            new_ids = req.output_token_ids[st.sent_tokens:]
-            if new_ids or (req.is_finished and not st.finished_sent):
-                st.text += st.detok.step(new_ids) if new_ids else ""
-                if req.is_finished:
-                    st.text += st.detok.flush()
-                if stops and not (req.is_finished and req.stop_reason in stops):
-                    self._check_stop_strings(st, stops, hold)
-                end = len(st.text) if req.is_finished else max(st.sent_chars, len(st.text) - hold)
-                lps = req.output_logprobs[st.sent_logprobs:]
-                out = CompletionOutput(i, st.text[st.sent_chars:end], new_ids,
-                                       FINISH_REASON.get(req.status) if req.is_finished else None,
-                                       req.stop_reason if req.is_finished else None,
-                                       lps if g.params.logprobs is not None else None)
-                st.sent_chars, st.sent_tokens = end, req.num_output_tokens
-                st.sent_logprobs += len(lps)
-                st.finished_sent = req.is_finished
-                outs.append(out)
+        for i, req in enumerate(g.samples):
+            new_ids = req.output_token_ids[g.sent_tokens[i]:]
+            if new_ids or (req.is_finished and not g.finished_sent[i]):
+                text = req.output_text.take(req.is_finished)
+                lps = req.output_logprobs[g.sent_logprobs[i]:]
+                outs.append(CompletionOutput(
+                    i, text, new_ids, FINISH_REASON.get(req.status) if req.is_finished else None,
+                    req.stop_reason if req.is_finished else None,
+                    lps if g.params.logprobs is not None else None))
+                g.sent_tokens[i] = req.num_output_tokens
+                g.sent_logprobs[i] += len(lps)
+                g.finished_sent[i] = req.is_finished
         finished = g.finished
         if finished:
             self.groups.pop(g.request_id, None)
-            for st in g.samples:
-                self._sample_to_group.pop(st.request.request_id, None)
-                self.runner.sampler.release(st.request.request_id)
-        errors = [st.request.error for st in g.samples if st.request.error]
-        num_cached = max((st.request.num_cached_tokens for st in g.samples), default=0)
+            for req in g.samples:
+                self._sample_to_group.pop(req.request_id, None)
+                self.runner.sampler.release(req.request_id)
+        errors = [r.error for r in g.samples if r.error]
+        num_cached = max((r.num_cached_tokens for r in g.samples), default=0)
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, finished,
                              num_cached_tokens=num_cached, error=errors[0] if errors else None)
 
-    def _check_stop_strings(self, st: _SampleState, stops: list[str], hold: int) -> None:
-        # Search only where a match could not have been seen before: stop strings may span
-        # tokens, so the window starts `hold` characters before the unsent text.
-        start = max(0, st.sent_chars - hold)
-        best = None
-        for s in stops:
-            pos = st.text.find(s, start)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, s)
-        if best is None:
-            return
-        pos, s = best
-        st.text = st.text[:pos + (len(s) if st.request.sampling_params.include_stop_str_in_output else 0)]
-        if not st.request.is_finished:
-            self.scheduler.finish_requests([st.request.request_id], RequestStatus.FINISHED_STOPPED)
-        else:
-            st.request.status = RequestStatus.FINISHED_STOPPED
-        st.request.stop_reason = s
+
+def _can_draft(req: Request) -> bool:
+    sp = req.sampling_params
+    return (sp.greedy and not req.logits_processors and sp.repetition_penalty == 1.0
+            and not sp.presence_penalty and not sp.frequency_penalty
+            and req.num_output_tokens >= sp.min_tokens)

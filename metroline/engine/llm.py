@@ -7,7 +7,7 @@ from typing import Sequence
 
 from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
 from metroline.engine.core import EngineCore
-from metroline.engine.request import CompletionOutput, RequestOutput, SamplingParams
+from metroline.engine.request import CompletionOutput, RequestHints, RequestOutput, SamplingParams
 
 
 def accumulate(final: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
@@ -74,7 +74,8 @@ class LLM:
         ids = []
         for i, (p, sp) in enumerate(zip(prompts, params_list)):
             rid = f"gen-{next(self._ids)}"
-            self.engine.add_request(rid, self._encode(p), sp, priority=priority[i] if priority else 0)
+            self.engine.add_request(rid, self._encode(p), sp,
+                                    RequestHints(priority=priority[i] if priority else 0))
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

@@ -1,4 +1,5 @@
-"""Typed messages of the engine: SamplingParams in, Request inside, RequestOutput out."""
+"""Typed messages of the engine: SamplingParams and RequestHints in, Request inside,
+RequestOutput out, EngineStats and EngineInfo for whoever serves the engine."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from metroline.engine.processors import build_processors
 from metroline.errors import InvalidRequestError
 
 # A logits processor sees the request's output ids so far and its logits row (1-D float
-# tensor) and returns the row to use. Grammars plug in here.
+# tensor) and returns the row to use; see engine/processors.py. Grammars plug in here.
 LogitsProcessor = Callable[[Sequence[int], "object"], "object"]
 
 MAX_LOGPROBS = 20
@@ -95,6 +97,17 @@ class SamplingParams:
                    "logit_bias")
 
 
+@dataclass(frozen=True)
+class RequestHints:
+    """What a caller may tell the engine about a request besides its prompt and sampling."""
+
+    priority: int = 0  # lower value = served first (as in vLLM); used by policy "priority"
+    session_id: str | None = None  # a conversation or agent run, for KV retention
+    program_id: str | None = None  # an agent program, for program-level scheduling
+    cache_salt: str | None = None  # scopes the prefix cache (a tenant, a secret)
+    kv_retention_s: float | None = None  # with session_id: keep this turn's KV pinned
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -153,6 +166,14 @@ class Request:
         self.cache_salt = cache_salt
         self.group_id = group_id or request_id
         self.sample_index = sample_index
+
+        # Stateful processors are forked per sample: siblings of n > 1 never share state.
+        self.logits_processors = build_processors(sampling_params.logits_processors)
+        # Draft tokens proposed for the next step (speculative decoding); verified by the
+        # runner in the same forward as the last known token, never part of the output.
+        self.spec_token_ids: list[int] = []
+        # The sample's text, detokenized as tokens are appended (set by the engine core).
+        self.output_text = None
 
         self.output_token_ids: list[int] = []
         self.output_logprobs: list = []  # per output token: (logprob, [(id, logprob), ...])
@@ -219,3 +240,66 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and monotonic counters (for metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    pinned_blocks: int = 0
+    pinned_sessions: int = 0
+    kv_evictions: int = 0
+    host_tier_hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # of which accepted
+    num_streams: int = 0  # open output streams (AsyncEngine only)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a server needs to know about the engine it fronts."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    device: str
+    dtype: str
+    num_blocks: int
+    block_size: int
+
+
+@dataclass
+class SampledTokens:
+    """One request's result of a forward pass.
+
+    token_ids: the accepted draft tokens, then one sampled token (a plain decode: one token;
+    k drafts verified: 1..k+1 tokens, so k + 1 - len(token_ids) draft positions were rejected
+    and are rolled back). logprobs: per token (token_id, logprob, top alternatives), when the
+    request asked for them. error: the request's own failure (its logits processor raised);
+    it then finishes alone."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    error: str | None = None
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What ModelRunner.execute returns; only Scheduler.update_from_output applies it."""
+
+    outputs: dict[str, SampledTokens] = field(default_factory=dict)
+
+    @classmethod
+    def from_token_ids(cls, token_ids: dict[str, list[int]]) -> "ModelRunnerOutput":
+        """Tokens only, no logprobs (fake runners in tests and benchmarks)."""
+        return cls({rid: SampledTokens(list(ids)) for rid, ids in token_ids.items()})

@@ -1,9 +1,15 @@
-"""ModelRunner: one scheduler step -> one flat forward pass -> sampled tokens.
+"""ModelRunner: one scheduler step -> one flat forward pass -> a ModelRunnerOutput.
 
-The batch is the concatenation of every scheduled request's new tokens, decodes first (the
-attention backend batches them), then prefill chunks. Logits are computed only for the last
-token of the requests that sample this step: a prefill chunk that does not end its prompt
-needs none, and the vocabulary projection is the largest single matmul of a small model.
+The batch is the concatenation of every scheduled request's new tokens (known tokens, then
+its drafts), decode-like sequences first (a few query tokens over a cache: the attention
+backend batches them), then prefill chunks. Logits are computed only for the positions that
+need them: the last position of a request that samples this step, and each draft position
+of a speculating one. A prefill chunk that does not end its prompt needs none, and the
+vocabulary projection is the largest single matmul of a small model.
+
+Drafts are verified here, in the same pass: draft i is accepted while it equals what the
+model samples at its position (for the greedy requests that draft today, this is exact), and
+the first mismatch, or the bonus position after k accepted drafts, supplies the next token.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from metroline.attention.backend import AttentionBackend, SeqInfo
-from metroline.engine.request import Request
-from metroline.engine.sampler import SampleResult, Sampler
+from metroline.engine.request import ModelRunnerOutput, SampledTokens
+from metroline.engine.sampler import Sampler
 from metroline.model.llama import LlamaForCausalLM
 
 
@@ -35,33 +41,49 @@ class ModelRunner:
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
     @torch.inference_mode()
-    def execute(self, scheduled) -> dict[str, SampleResult]:
-        """`scheduled`: items with .request, .num_new_tokens, .start_pos, .block_ids, .sample."""
+    def execute(self, scheduled) -> ModelRunnerOutput:
+        """`scheduled`: ScheduledRequests (.request, .num_new_tokens, .start_pos, .block_ids,
+        .spec_token_ids, .num_logits)."""
+        out = ModelRunnerOutput()
         if not scheduled:
-            return {}
-        # Decodes first, shortest context first (the attention backend groups them by length).
-        items = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1, s.start_pos if s.num_new_tokens == 1 else 0))
+            return out
+        # Decode-like first, shortest context first (the attention backend groups them).
+        items = sorted(scheduled, key=lambda s: (not self.backend.is_decode_like(s.num_new_tokens, s.start_pos),
+                                                 s.start_pos))
         input_ids: list[int] = []
         positions: list[int] = []
         seqs: list[SeqInfo] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
+        logit_rows: list[int] = []
+        sampling: list = []  # (scheduled request, first logits row)
         for s in items:
             req = s.request
-            input_ids += req.token_ids_slice(s.start_pos, s.start_pos + s.num_new_tokens)
+            num_known = s.num_new_tokens - len(s.spec_token_ids)
+            input_ids += req.token_ids_slice(s.start_pos, s.start_pos + num_known)
+            input_ids += s.spec_token_ids
             positions += range(s.start_pos, s.start_pos + s.num_new_tokens)
             seqs.append(SeqInfo(s.num_new_tokens, s.start_pos, s.block_ids))
-            if s.sample:
-                sample_rows.append(len(input_ids) - 1)
-                sample_reqs.append(req)
+            if s.num_logits:
+                sampling.append((s, len(logit_rows)))
+                logit_rows += range(len(input_ids) - s.num_logits, len(input_ids))
         dev = self.device
         meta = self.backend.build_metadata(seqs, self.block_size, dev)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev),
                             torch.tensor(positions, dtype=torch.int64, device=dev),
                             self.backend, meta, self.kv_caches)
-        if not sample_rows:
-            return {}
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
+        if not logit_rows:
+            return out
+        rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        results = self.sampler(logits, sample_reqs)
-        return {r.request_id: res for r, res in zip(sample_reqs, results)}
+        row_reqs = [s.request for s, _ in sampling for _ in range(s.num_logits)]
+        results = self.sampler(logits, row_reqs)
+        for s, first in sampling:
+            res = results[first:first + s.num_logits]
+            n = 1  # tokens taken: accepted drafts, then the model's own token
+            while n < len(res) and res[n - 1].token_id == s.spec_token_ids[n - 1]:
+                n += 1
+            res = res[:n]
+            error = next((r.error for r in res if r.error), None)
+            lps = ([(r.token_id, r.logprob, r.top_logprobs) for r in res]
+                   if res[0].logprob is not None else None)
+            out.outputs[s.request.request_id] = SampledTokens([r.token_id for r in res], lps, error)
+        return out

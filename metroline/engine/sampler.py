@@ -24,6 +24,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None  # the request's logits processor raised: it fails alone
 
 
 class Sampler:
@@ -54,9 +55,14 @@ class Sampler:
         # Work on a float32 copy: the caller's tensor is never modified.
         logits = logits.to(torch.float32, copy=True)
         params = [r.sampling_params for r in reqs]
+        errors: dict[int, str] = {}
         for i, (r, sp) in enumerate(zip(reqs, params)):
-            for proc in sp.logits_processors:
-                logits[i] = proc(r.output_token_ids, logits[i])
+            try:
+                for proc in r.logits_processors:
+                    logits[i] = proc(r.output_token_ids, logits[i])
+            except Exception as e:
+                errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                logits[i] = 0.0  # any finite row: its token is discarded
             if sp.logit_bias:
                 ids = torch.tensor(list(sp.logit_bias.keys()), dtype=torch.int64)
                 vals = torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype)
@@ -92,7 +98,7 @@ class Sampler:
         tok_list = tokens.tolist()
         results = []
         for i, t in enumerate(tok_list):
-            res = SampleResult(t)
+            res = SampleResult(t, error=errors.get(i))
             if want_lp[i]:
                 row = logprobs[i]
                 res.logprob = float(row[t])

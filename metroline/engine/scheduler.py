@@ -7,6 +7,17 @@ later).
 
 As in vLLM v1, schedule() advances each scheduled request's num_computed_tokens by the tokens
 it scheduled, before the model runs: the runner reads ScheduledRequest.start_pos instead.
+
+The step contract is multi-token: a request in its decode phase may carry draft tokens
+(`Request.spec_token_ids`), scheduled after its last known token, so it asks for 1 + k slots
+while its neighbours ask for one. The runner answers with a ModelRunnerOutput (per request:
+the accepted tokens, their logprobs, how many draft positions were rejected, or an error), and
+update_from_output() alone applies it: tokens are appended one by one through every stop check
+(EOS, stop ids, stop strings, max_tokens, context length), rejected positions are rolled back
+in the KV manager, and only then are the written full blocks offered to the prefix cache.
+
+Requests reach add_request() already validated (engine/validation.py): what is checked here
+are internal invariants (asserts) and the queue bound, which depends on the moment.
 """
 
 from __future__ import annotations
@@ -17,22 +28,29 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from metroline.config import SchedulerConfig
-from metroline.engine.request import Request, RequestStatus
-from metroline.errors import InvalidRequestError, MetrolineError
+from metroline.engine.processors import notify_accept
+from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus
+from metroline.errors import QueueFullError
 from metroline.kv.kv_manager import KVCacheManager
 
-
-class QueueFullError(MetrolineError):
-    """The waiting queue is at max_queued_requests (the server answers 429)."""
+__all__ = ["QueueFullError", "ScheduledRequest", "Scheduler", "SchedulerOutput"]
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # known tokens to compute + draft tokens to verify
     start_pos: int  # num_computed_tokens before this step
     block_ids: list[int]
-    sample: bool  # after this step all known tokens are computed: sample the next one
+    sample: bool  # after this step all known tokens are computed: sample the next one(s)
+    # Drafts scheduled after the known tokens (the last len() of num_new_tokens); the runner
+    # computes logits for each of them plus one more position.
+    spec_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_logits(self) -> int:
+        """Positions (at the end of this request's tokens) that need logits this step."""
+        return 1 + len(self.spec_token_ids) if self.sample else 0
 
 
 @dataclass
@@ -58,36 +76,19 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._group_leaders: dict[str, Request] = {}  # group_id -> sample 0, while n > 1
-        # Extension point for speculative decoding: extra KV slots reserved per running request.
-        self.num_lookahead_tokens = 0
         self.num_preemptions = 0
+        self.num_generation_tokens = 0  # tokens appended to outputs
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model
+        self.num_spec_draft_tokens = 0  # draft tokens verified
+        self.num_spec_accepted_tokens = 0  # of which accepted
         self.num_prefill_chunks = 0  # times a request's known tokens were split across steps
 
     # ---- admission ----
 
     def add_request(self, request: Request) -> None:
-        """Queue a request, or raise: InvalidRequestError if it can never fit, QueueFullError."""
-        n = request.num_prompt_tokens
-        if request.request_id in self.requests:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
-                                      param="request_id", code="duplicate_request_id")
-        if n == 0:
-            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but the context length is {self.max_model_len} "
-                f"(prompt plus at least one generated token must fit)",
-                param="prompt", code="context_length_exceeded")
-        if _cdiv(n + 1, self.block_size) > self.kv.num_total_blocks:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but the KV cache holds only "
-                f"{self.kv.num_total_blocks * self.block_size - 1} tokens plus one generated",
-                param="prompt", code="context_length_exceeded")
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens, more than max_num_batched_tokens="
-                f"{self.config.max_num_batched_tokens}, and chunked prefill is disabled",
-                param="prompt", code="context_length_exceeded")
+        """Queue a validated request, or raise QueueFullError when the waiting queue is full."""
+        assert request.request_id not in self.requests, request.request_id
+        assert 0 < request.num_prompt_tokens < self.max_model_len
         limit = self.config.max_queued_requests
         if limit is not None and len(self.waiting) >= limit:
             raise QueueFullError(f"too many requests waiting ({limit}); retry later")
@@ -116,9 +117,11 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            # Drafts that do not fit this step's budget are dropped (they stay a proposal).
+            num_known = req.num_tokens - req.num_computed_tokens
+            del req.spec_token_ids[max(0, num_new - num_known):]
             while True:
-                if self.kv.allocate_slots(req, num_new,
-                                          num_lookahead_tokens=self.num_lookahead_tokens) is not None:
+                if self.kv.allocate_slots(req, num_new) is not None:
                     break
                 if self.kv.release_oldest_pin():  # session pins yield before running work does
                     continue
@@ -154,8 +157,7 @@ class Scheduler:
             if self._waits_for_group_leader(req):
                 skipped.append(self.waiting.popleft())
                 continue
-            if _cdiv(req.num_tokens + self.num_lookahead_tokens,
-                     self.block_size) > self.kv.num_total_blocks:
+            if _cdiv(req.num_tokens, self.block_size) > self.kv.num_total_blocks:
                 # A resumed request that outgrew the whole pool: it can never run again.
                 self.waiting.popleft()
                 self._finish(req, RequestStatus.FINISHED_LENGTH)
@@ -169,7 +171,8 @@ class Scheduler:
                     and num_new <= self.config.max_num_batched_tokens):
                 break
             num_new = min(num_new, budget)
-            if self.kv.allocate_slots(req, num_new, hits, self.num_lookahead_tokens) is None:
+            req.spec_token_ids.clear()  # a request drafts only once it decodes
+            if self.kv.allocate_slots(req, num_new, hits) is None:
                 # With nothing running, only pins can hold the memory it needs: release them
                 # (oldest first) rather than wait for their expiry.
                 if not self.running and self.kv.release_oldest_pin():
@@ -193,12 +196,15 @@ class Scheduler:
         if not sample:
             self.num_prefill_chunks += 1
         out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens,
-                                              self.kv.get_block_ids(req.request_id), sample))
+                                              self.kv.get_block_ids(req.request_id), sample,
+                                              list(req.spec_token_ids)))
         out.num_batched_tokens += num_new
 
     def token_budget(self, req: Request) -> int:
-        """Tokens a running request asks for this step; speculative tokens will add to it."""
-        return req.num_tokens - req.num_computed_tokens
+        """Tokens a running request asks for this step: its known tokens not yet computed, plus
+        its drafts when it is decoding (a speculating request asks for 1 + k slots)."""
+        num_known = req.num_tokens - req.num_computed_tokens
+        return num_known + (len(req.spec_token_ids) if num_known == 1 else 0)
 
     def _priority_key(self, req: Request) -> tuple:
         arrival = (req.arrival_time, req.arrival_seq)
@@ -215,6 +221,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        req.spec_token_ids.clear()
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -224,29 +231,91 @@ class Scheduler:
     # ---- after the model ran ----
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           sampled_token_ids: dict[str, list[int]]) -> list[Request]:
-        """Append sampled tokens, apply stop checks, free finished requests.
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Apply one successful forward pass: per scheduled request, roll back rejected draft
+        positions, append the accepted tokens through the stop checks, offer the written
+        blocks to the prefix cache, finish what stopped. A request whose output carries an
+        error (its logits processor raised) finishes with FINISHED_ERROR, alone.
 
         Returns the requests that got new tokens or finished in this step."""
         changed: list[Request] = list(scheduler_output.finished)
         for sr in scheduler_output.scheduled:
             req = sr.request
-            if not sr.sample or req.is_finished:  # mid-prefill, or aborted during the step
+            if req.is_finished:  # aborted while the step ran
                 continue
-            new = sampled_token_ids.get(req.request_id, [])
-            for tok in new:
+            self.num_prompt_tokens_computed += max(
+                0, min(sr.start_pos + sr.num_new_tokens, req.num_prompt_tokens) - sr.start_pos)
+            res = runner_output.outputs.get(req.request_id) if sr.sample else None
+            if res is not None and res.error is not None:
+                req.error = res.error
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                changed.append(req)
+                continue
+            new = res.token_ids if res is not None else []
+            num_spec = len(sr.spec_token_ids)
+            if sr.sample:
+                assert 1 <= len(new) <= num_spec + 1 and new[:-1] == sr.spec_token_ids[:len(new) - 1]
+                self.num_spec_draft_tokens += num_spec
+                self.num_spec_accepted_tokens += len(new) - 1
+                if num_spec + 1 > len(new):
+                    self.kv.rollback(req, num_spec + 1 - len(new))
+            req.spec_token_ids = []
+            status = None
+            appended = 0
+            for i, tok in enumerate(new):
                 if req.first_token_time is None:
                     req.first_token_time = time.monotonic()
                 req.output_token_ids.append(tok)
+                if res.logprobs is not None:
+                    req.output_logprobs.append(res.logprobs[i])
+                appended += 1
                 status = self._check_stop(req, tok)
                 if status is not None:
-                    self._finish(req, status)
                     break
-            if new or req.is_finished:
+            self.num_generation_tokens += appended
+            if appended and req.logits_processors:
+                try:
+                    notify_accept(req.logits_processors, new[:appended])
+                except Exception as e:
+                    req.error = f"logits processor failed: {type(e).__name__}: {e}"
+                    status = RequestStatus.FINISHED_ERROR
+            self.kv.cache_blocks(req)  # before _finish: a session pin keeps the cached prefix
+            if status is not None:
+                self._finish(req, status)
+            if appended or req.is_finished:
                 changed.append(req)
         return changed
 
+    def fail_step(self, scheduler_output: SchedulerOutput, error: str) -> list[Request]:
+        """The forward pass raised: its requests finish with the error (nothing they computed
+        this step reaches the prefix cache); every other request goes on."""
+        failed = []
+        for sr in scheduler_output.scheduled:
+            req = sr.request
+            if not req.is_finished:
+                req.error = error
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                failed.append(req)
+        return list(scheduler_output.finished) + failed
+
     def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        """The status `tok` (just appended) ends the request with, if any. The one place that
+        decides why a request stops."""
+        text = req.output_text
+        if text is not None:
+            stop_str = text.append(tok)
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                return RequestStatus.FINISHED_STOPPED
+        status = self._check_stop_token(req, tok)
+        if status is not None and text is not None:
+            stop_str = text.flush()  # the last characters held back may complete a stop string
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                return RequestStatus.FINISHED_STOPPED
+        return status
+
+    def _check_stop_token(self, req: Request, tok: int) -> RequestStatus | None:
         sp = req.sampling_params
         if req.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and tok in req.eos_token_ids:

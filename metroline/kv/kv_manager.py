@@ -70,9 +70,10 @@ class SessionPin:
 class KVCacheManager:
     """Owns every request's block list (request_id -> list[KVBlock]).
 
-    Blocks are offered to the prefix cache at allocation time, before the forward pass that
-    writes them: this is safe because attention writes a step's KV for all tokens of a layer
-    before any token of that step reads it, so a same-step hit reads what is being written.
+    A block becomes findable in the prefix cache only once its KV is written: the scheduler
+    calls cache_blocks() after a successful forward, for the full blocks of tokens that are
+    both known (never a draft) and computed. A failed step therefore leaves nothing findable
+    that was never written, and a rejected draft never reaches the cache.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
@@ -187,17 +188,26 @@ class KVCacheManager:
         blocks = self.req_blocks.setdefault(rid, blocks)
         blocks.extend(device_hits)
         blocks.extend(new_blocks)
-
-        if self.enable_caching:
-            # Only tokens whose ids are known can be hashed; lookahead slots never are.
-            num_full = min(request.num_tokens, num_computed + num_new_tokens) // self.block_size
-            start = self._num_cached_blocks.get(rid, 0)
-            if num_full > start:
-                hashes = self.block_hashes(request)
-                for i in range(start, num_full):
-                    self.pool.cache_full_block(blocks[i], hashes[i])
-                self._num_cached_blocks[rid] = num_full
+        if new_computed_blocks:  # hits (and restored host blocks) are cached already
+            self._num_cached_blocks[rid] = len(new_computed_blocks)
         return new_blocks
+
+    def cache_blocks(self, request: Request) -> int:
+        """Offer the request's newly written full blocks to the prefix cache: those covering
+        tokens that are known (outputs appended, drafts excluded) and computed. Call only after
+        the forward pass that wrote them succeeded. Returns how many blocks are cached now."""
+        rid = request.request_id
+        start = self._num_cached_blocks.get(rid, 0)
+        if not self.enable_caching:
+            return start
+        num_full = min(request.num_tokens, request.num_computed_tokens) // self.block_size
+        if num_full > start:
+            blocks = self.req_blocks[rid]
+            hashes = self.block_hashes(request)
+            for i in range(start, num_full):
+                self.pool.cache_full_block(blocks[i], hashes[i])
+            self._num_cached_blocks[rid] = num_full
+        return max(start, num_full)
 
     def free(self, request: Request) -> None:
         """Release all of the request's blocks (cached ones stay findable until evicted)."""

@@ -220,6 +220,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
+    @property
+    def max_positions(self) -> int:
+        """Positions the rotary tables cover: the model's usable context length."""
+        return self.model.rotary_emb.max_positions
+
     def tie_weights(self) -> None:
         """Share the embedding with the output projection (again after `to_empty`, which unties)."""
         if self.config.tie_word_embeddings:

@@ -20,6 +20,7 @@ from metroline.errors import ModelLoadError
 from metroline.model.default import DEFAULT_MODEL_NAME, default_model_path
 from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
 from metroline.model.llama import LlamaConfig, LlamaForCausalLM
+from metroline.platform import resolve_device, resolve_dtype
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
 SUPPORTED_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -275,17 +276,11 @@ class LoadedModel:
     file_bytes: int
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # On CPUs without AMX bf16 matmuls run slower than fp32 (measured); GPUs use bf16.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+def load_tokenizer_from_gguf(path: str | os.PathLike):
+    """The tokenizer of a GGUF file alone (its metadata; no tensor is read)."""
+    from metroline.tokenizer import Tokenizer
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return Tokenizer.from_gguf_metadata(read_gguf_metadata(open_gguf(path)))
 
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",

@@ -394,6 +394,7 @@ def test_shutdown_stops_thread_and_fails_open_streams(engines, tok):
     engine.shutdown()  # idempotent
 
 
+@pytest.mark.timing
 def test_idle_shutdown_is_prompt(engines):
     engine = engines()
     t = time.monotonic()

@@ -54,26 +54,28 @@ def sharegpt_prompts(default_loaded):
     return prompts
 
 
-@pytest.mark.slow
 def test_batched_equals_solo_with_preemption_and_chunked_prefill(default_loaded, sharegpt_prompts):
-    greedy = [SamplingParams(temperature=0, max_tokens=6 + (i % 4) * 4, ignore_eos=True)
-              for i in range(32)]
+    """16 ShareGPT prompts (4..400 tokens) arriving over time, through preemption and chunked
+    prefill: each generates exactly what it generates alone."""
+    prompts = sharegpt_prompts[:16]
+    greedy = [SamplingParams(temperature=0, max_tokens=4 + (i % 4) * 3, ignore_eos=True)
+              for i in range(16)]
     solo_core = _engine(default_loaded, num_blocks=64)
     solo = {}
-    for i, (ids, p) in enumerate(zip(sharegpt_prompts, greedy)):
+    for i, (ids, p) in enumerate(zip(prompts, greedy)):
         solo.update(_run(solo_core, {0: [(f"r{i}", ids, p)]}))
     _assert_pool_empty(solo_core)
 
-    # A pool of 48 blocks (768 tokens) cannot hold the running set, and a step budget of 96
+    # A pool of 40 blocks (640 tokens) cannot hold the running set, and a step budget of 96
     # tokens splits every long prompt: both preemption and chunked prefill must happen.
-    core = _engine(default_loaded, num_blocks=48, max_num_batched_tokens=96, max_num_seqs=16)
+    core = _engine(default_loaded, num_blocks=40, max_num_batched_tokens=96, max_num_seqs=16)
     arrivals: dict[int, list] = {}
-    for i, (ids, p) in enumerate(zip(sharegpt_prompts, greedy)):
+    for i, (ids, p) in enumerate(zip(prompts, greedy)):
         arrivals.setdefault((i // 3) * 2, []).append((f"r{i}", ids, p))
     batched = _run(core, arrivals)
     assert core.scheduler.num_preemptions > 0
     assert core.scheduler.num_prefill_chunks > 0
-    for i in range(32):
+    for i in range(16):
         b, s = batched[f"r{i}"].outputs[0], solo[f"r{i}"].outputs[0]
         assert b.token_ids == s.token_ids, f"request {i} diverged"
         assert b.text == s.text
@@ -208,4 +210,105 @@ def test_failed_step_fails_its_requests_not_the_engine(default_loaded, monkeypat
     _assert_pool_empty(core)
     res = _run(core, {0: [("b", tok.encode("Hello again"), params)]})
     assert res["b"].outputs[0].finish_reason == "length" and len(res["b"].outputs[0].token_ids) == 4
+    _assert_pool_empty(core)
+
+
+def test_failed_step_does_not_poison_the_prefix_cache(default_loaded, sharegpt_prompts, monkeypatch):
+    """A forward that raises leaves none of its blocks findable: the same prompt again gets no
+    cache hit and the clean engine's greedy output (regression: blocks used to be hashed at
+    allocation, before the forward wrote them)."""
+    prompt = sharegpt_prompts[6]  # 250 tokens: 15 full blocks
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    clean = _run(_engine(default_loaded), {0: [("ref", prompt, params)]})["ref"].outputs[0].token_ids
+    core = _engine(default_loaded, max_num_batched_tokens=512)
+    real, calls = core.runner.execute, {"n": 0}
+
+    def fail_first(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated fault in the prefill")
+        return real(scheduled)
+
+    monkeypatch.setattr(core.runner, "execute", fail_first)
+    res = _run(core, {0: [("a", prompt, params)]})
+    assert res["a"].outputs[0].finish_reason == "error"
+    assert core.kv_manager.pool.num_cached_blocks == 0
+    res = _run(core, {0: [("b", prompt, params)]})
+    assert res["b"].num_cached_tokens == 0
+    assert res["b"].outputs[0].token_ids == clean
+    # Now the blocks were written: a third identical prompt hits them and agrees.
+    res = _run(core, {0: [("c", prompt, params)]})
+    assert res["c"].num_cached_tokens == 240 and res["c"].outputs[0].token_ids == clean
+    _assert_pool_empty(core)
+
+
+class _ScriptedProposer:
+    """Drafts from a known continuation: right ones, wrong ones, or a mix, by request id."""
+
+    def __init__(self, continuations: dict, mode: dict):
+        self.continuations, self.mode, self.calls = continuations, mode, 0
+
+    def propose(self, req, k):
+        self.calls += 1
+        ref = self.continuations[req.request_id]
+        n = req.num_output_tokens
+        right = ref[n:n + k]
+        mode = self.mode[req.request_id]
+        if mode == "right":
+            return right
+        if mode == "wrong":
+            return [(t + 1) % 49152 for t in right]
+        return [t if (n + i) % 3 else (t + 1) % 49152 for i, t in enumerate(right)]  # mixed
+
+
+def test_speculative_drafts_verified_in_the_batch_change_nothing(default_loaded, sharegpt_prompts):
+    """Requests that carry k drafts (q_len k+1 in the decode batch) beside ones that do not,
+    with all, none or some drafts accepted: every output equals the non-speculative engine's,
+    and KV is released exactly."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)
+    stop = SamplingParams(temperature=0, max_tokens=24, stop=[" the"], ignore_eos=True)
+    jobs = [("right", sharegpt_prompts[3], greedy), ("wrong", sharegpt_prompts[4], greedy),
+            ("mixed", sharegpt_prompts[5], greedy), ("plain", sharegpt_prompts[2], sampled),
+            ("stop", sharegpt_prompts[1], stop)]
+    ref = _run(_engine(default_loaded), {0: jobs})
+    conts = {rid: ref[rid].outputs[0].token_ids for rid, _, _ in jobs}
+    modes = {"right": "right", "wrong": "wrong", "mixed": "mixed", "plain": "right",
+             "stop": "right"}
+    proposer = _ScriptedProposer(conts, modes)
+    core = EngineCore(default_loaded, CacheConfig(num_blocks=512, block_size=16),
+                      SchedulerConfig(), proposer=proposer, num_speculative_tokens=4)
+    res = _run(core, {0: jobs})
+    for rid, _, _ in jobs:
+        assert res[rid].outputs[0].token_ids == conts[rid], rid
+        assert res[rid].outputs[0].text == ref[rid].outputs[0].text, rid
+    stats = core.get_stats()
+    assert stats.spec_draft_tokens > 0
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+    _assert_pool_empty(core)
+    # Alone, always-right drafts of 4 take a prefill and ~23 / 5 verification steps, not 24.
+    core = EngineCore(default_loaded, CacheConfig(num_blocks=512, block_size=16),
+                      SchedulerConfig(), proposer=proposer, num_speculative_tokens=4)
+    res = _run(core, {0: [jobs[0]]})
+    assert res["right"].outputs[0].token_ids == conts["right"]
+    assert core.num_steps <= 7
+    assert core.get_stats().spec_accepted_tokens == core.get_stats().spec_draft_tokens
+
+
+def test_a_raising_logits_processor_fails_only_its_request(default_loaded):
+    tok = default_loaded.tokenizer
+
+    def boom(out_ids, row):
+        if len(out_ids) == 2:
+            raise ValueError("grammar state lost")
+        return row
+
+    ok = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    bad = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[boom])
+    ids = tok.encode("The weather today is")
+    core = _engine(default_loaded)
+    res = _run(core, {0: [("ok", ids, ok), ("bad", ids, bad)]})
+    assert res["bad"].outputs[0].finish_reason == "error" and "grammar state lost" in res["bad"].error
+    assert len(res["bad"].outputs[0].token_ids) == 2
+    assert res["ok"].outputs[0].finish_reason == "length" and len(res["ok"].outputs[0].token_ids) == 6
     _assert_pool_empty(core)

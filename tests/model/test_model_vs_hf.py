@@ -171,14 +171,12 @@ def default_logits(default_loaded, hf_default_model, default_prompts):
     return get
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["1 token", "7 tokens", "chat", "300 tokens"])
 def test_default_model_logits_match_transformers(default_logits, default_prompts, name):
     ours, ref = default_logits(name)
     assert_logits_close(ours, ref, 1e-3, f"default model, {name} ({len(default_prompts[name])} tokens)")
 
 
-@pytest.mark.slow
 def test_default_model_chunked_prefill_and_decode_match(default_loaded, default_logits, default_prompts):
     """Three prefill chunks over cached context, then three decode steps: every position's logits
     equal transformers' one-shot logits, and the last equals metroline's own one-shot last."""
@@ -189,7 +187,6 @@ def test_default_model_chunked_prefill_and_decode_match(default_loaded, default_
     torch.testing.assert_close(chunked[-1], whole[-1], rtol=0, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_default_model_greedy_matches_transformers(default_llm, hf_default_model, default_prompts):
     """32 greedy tokens for three prompts, scheduled together (batched decode steps).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from metroline.config import CacheConfig, SchedulerConfig
 from metroline.engine.core import EngineCore
 from metroline.engine.llm import accumulate
-from metroline.engine.request import SamplingParams
+from metroline.engine.request import RequestHints, SamplingParams
 
 
 def _engine(loaded, caching=True, num_blocks=256, **cache):
@@ -14,7 +14,7 @@ def _engine(loaded, caching=True, num_blocks=256, **cache):
 
 
 def _generate(core, rid, ids, params, **hints):
-    core.add_request(rid, ids, params, **hints)
+    core.add_request(rid, ids, params, RequestHints(**hints))
     final = None
     while core.has_unfinished_requests():
         for out in core.step():

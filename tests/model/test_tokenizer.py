@@ -284,7 +284,9 @@ def spm_gguf(tmp_path_factory, texts) -> str:
 
 @pytest.fixture(scope="module")
 def spm_tokenizer(spm_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(spm_gguf)
+    from metroline.model.loader import load_tokenizer_from_gguf
+
+    return load_tokenizer_from_gguf(spm_gguf)
 
 
 def test_sentencepiece_gguf_matches_transformers(spm_gguf, spm_tokenizer, texts):

@@ -29,6 +29,7 @@ def prefill(kv, req):
     hits, n = kv.get_computed_blocks(req)
     assert kv.allocate_slots(req, req.num_tokens - n, hits) is not None
     req.num_computed_tokens = req.num_tokens
+    kv.cache_blocks(req)  # the forward succeeded: its full blocks become findable
     return hits, n
 
 

@@ -19,6 +19,7 @@ def prefill(kv, req, hits=(), n_hit=0):
     new = kv.allocate_slots(req, req.num_tokens - n_hit, hits)
     assert new is not None
     req.num_computed_tokens = req.num_tokens
+    kv.cache_blocks(req)  # the forward succeeded: its full blocks become findable
     return new
 
 
@@ -130,7 +131,9 @@ def test_decode_caches_block_once_full_and_allocates_on_boundary():
     assert kv.req_blocks["r"][0].block_hash is None
     r.output_token_ids.append(77)  # token 16 known at schedule time
     assert kv.allocate_slots(r, 1) == []
+    assert kv.req_blocks["r"][0].block_hash is None  # not before its KV is written
     r.num_computed_tokens += 1
+    kv.cache_blocks(r)
     assert kv.req_blocks["r"][0].block_hash is not None
     r.output_token_ids.append(78)
     assert [b.block_id for b in kv.allocate_slots(r, 1)] == [1]
@@ -138,13 +141,27 @@ def test_decode_caches_block_once_full_and_allocates_on_boundary():
     assert_no_leak(kv)
 
 
-def test_lookahead_slots_are_never_cached():
+def test_lookahead_and_draft_slots_are_never_cached():
     kv = KVCacheManager(10, BS)
     r = make_req("r", range(20))
     assert [b.block_id for b in kv.allocate_slots(r, 20, num_lookahead_tokens=20)] == [0, 1, 2]
+    assert all(b.block_hash is None for b in kv.req_blocks["r"])  # nothing written yet
+    r.num_computed_tokens = 40  # the 20 known tokens and 20 draft slots were written
+    assert kv.cache_blocks(r) == 1  # only the block of known tokens
     assert [b.block_hash is not None for b in kv.req_blocks["r"]] == [True, False, False]
     kv.free(r)
     assert_no_leak(kv)
+
+
+def test_blocks_of_a_failed_forward_are_never_findable():
+    kv = KVCacheManager(10, BS)
+    r = make_req("r", range(50))
+    assert kv.allocate_slots(r, 50) is not None
+    r.num_computed_tokens = 50  # scheduled, but the forward raised: no cache_blocks()
+    kv.free(r)
+    again = make_req("again", range(50))
+    assert kv.get_computed_blocks(again) == ([], 0)
+    assert kv.pool.num_cached_blocks == 0
 
 
 def test_rollback_frees_tail_blocks():

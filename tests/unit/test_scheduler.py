@@ -5,8 +5,10 @@ import zlib
 import pytest
 
 from metroline.config import SchedulerConfig
-from metroline.engine.request import Request, RequestStatus, SamplingParams
+from metroline.engine.request import (ModelRunnerOutput, Request, RequestHints, RequestStatus,
+                                      SamplingParams)
 from metroline.engine.scheduler import QueueFullError, Scheduler
+from metroline.engine.validation import EngineLimits, validate_request
 from metroline.errors import InvalidRequestError
 from metroline.kv.kv_manager import KVCacheManager
 
@@ -35,7 +37,7 @@ def step(s, tokens=None):
         if sr.sample:
             queue = (tokens or {}).get(sr.request.request_id)
             sampled[sr.request.request_id] = [queue.pop(0) if queue else TOKEN]
-    return out, s.update_from_output(out, sampled)
+    return out, s.update_from_output(out, ModelRunnerOutput.from_token_ids(sampled))
 
 
 def run_to_end(s, max_steps=500):
@@ -93,10 +95,15 @@ def test_chunked_prefill_splits_long_prompt_while_decodes_run():
     assert_drained(s)
 
 
+def limits(num_blocks=10, max_model_len=1024, budget=256, chunked=True, vocab=1_000_000):
+    return EngineLimits(vocab, max_model_len, num_blocks * BS, budget, chunked)
+
+
 def test_without_chunked_prefill_prompt_waits_for_room():
     s = make_sched(budget=32, chunked=False)
     with pytest.raises(InvalidRequestError) as e:
-        s.add_request(make_req("big", 33))
+        validate_request(list(range(33)), SamplingParams(), RequestHints(),
+                         limits(budget=32, chunked=False))
     assert e.value.code == "context_length_exceeded"
     s.add_request(make_req("a", 10, max_tokens=3))
     s.add_request(make_req("b", 30, max_tokens=1))
@@ -199,21 +206,41 @@ def test_preempted_request_resumes_then_finishes_alone_when_pool_is_too_small():
     assert_drained(s)
 
 
-def test_admission_rejects_prompts_that_can_never_fit():
-    s = make_sched(num_blocks=10, max_model_len=100)
+def test_validation_rejects_prompts_that_can_never_fit():
+    def check(n, lim, max_tokens=1):
+        return validate_request(list(range(n)), SamplingParams(max_tokens=max_tokens),
+                                RequestHints(), lim)
+
     for n in (100, 150):
         with pytest.raises(InvalidRequestError) as e:
-            s.add_request(make_req(f"r{n}", n))
+            check(n, limits(max_model_len=100))
         assert (e.value.code, e.value.param) == ("context_length_exceeded", "prompt")
-    s = make_sched(num_blocks=10, max_model_len=1024)
-    with pytest.raises(InvalidRequestError):
-        s.add_request(make_req("big", 160))  # 161 slots > 10 blocks of 16
-    s.add_request(make_req("ok", 159, max_tokens=1))
-    with pytest.raises(InvalidRequestError):
-        s.add_request(make_req("ok", 10))  # duplicate id
-    with pytest.raises(InvalidRequestError):
-        s.add_request(make_req("empty", 0))
-    assert s.get_request("big") is None and s.num_waiting == 1
+    with pytest.raises(InvalidRequestError) as e:
+        check(160, limits(num_blocks=10))  # 161 slots > 10 blocks of 16
+    assert "KV cache" in str(e.value)
+    assert check(159, limits(num_blocks=10)) == 1
+    with pytest.raises(InvalidRequestError) as e:
+        check(0, limits())
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as e:
+        check(90, limits(max_model_len=100), max_tokens=11)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "max_tokens")
+    assert check(90, limits(max_model_len=100), max_tokens=None) == 10  # resolved
+    with pytest.raises(InvalidRequestError) as e:
+        validate_request([1, 2, 10], SamplingParams(), RequestHints(), limits(vocab=10))
+    assert e.value.param == "prompt" and "[0, 10)" in str(e.value)
+    with pytest.raises(InvalidRequestError) as e:
+        validate_request([1], SamplingParams(), RequestHints(kv_retention_s=-1), limits())
+    assert e.value.param == "kv_retention_s"
+
+
+def test_scheduler_asserts_what_validation_guarantees():
+    s = make_sched(num_blocks=10, max_model_len=100)
+    s.add_request(make_req("ok", 50, max_tokens=1))
+    with pytest.raises(AssertionError):
+        s.add_request(make_req("ok", 10))  # duplicate id: the engine refuses it first
+    with pytest.raises(AssertionError):
+        s.add_request(make_req("long", 100))
     run_to_end(s)
     assert_drained(s)
 
@@ -341,7 +368,7 @@ def test_abort_frees_blocks_and_is_idempotent():
     # Aborted between schedule() and update_from_output(): its token is dropped.
     out = s.schedule()
     s.finish_requests("b", RequestStatus.FINISHED_ABORTED)
-    assert s.update_from_output(out, {"b": [TOKEN]}) == []
+    assert s.update_from_output(out, ModelRunnerOutput.from_token_ids({"b": [TOKEN]})) == []
     assert b.num_output_tokens == 1
     assert_drained(s)
 
@@ -389,7 +416,7 @@ def test_random_workload_keeps_invariants_and_drains(seed):
             s.finish_requests(rng.choice(sorted(s.requests)), RequestStatus.FINISHED_ABORTED)
         out = s.schedule()
         sampled = {sr.request.request_id: [rng.randint(0, 40)] for sr in out.scheduled if sr.sample}
-        s.update_from_output(out, sampled)
+        s.update_from_output(out, ModelRunnerOutput.from_token_ids(sampled))
         _check_invariants(s, out)
         if t >= 250 and not s.has_unfinished_requests():
             break

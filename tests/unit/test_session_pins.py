@@ -1,7 +1,7 @@
 """KV retention for sessions: pins survive memory pressure, expire, are capped, and released."""
 
 from metroline.config import SchedulerConfig
-from metroline.engine.request import Request, RequestStatus, SamplingParams
+from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus, SamplingParams
 from metroline.engine.scheduler import Scheduler
 from metroline.kv.kv_manager import KVCacheManager
 
@@ -18,6 +18,7 @@ def run_prefill(kv, r):
     hits, n = kv.get_computed_blocks(r)
     assert kv.allocate_slots(r, r.num_tokens - n, hits) is not None
     r.num_computed_tokens = r.num_tokens
+    kv.cache_blocks(r)
     return n
 
 
@@ -92,14 +93,14 @@ def test_scheduler_pins_on_finish_and_releases_on_next_turn():
     t1 = req("t1", range(40), session="s", retention=30.0, max_tokens=1)
     sched.add_request(t1)
     out = sched.schedule()
-    sched.update_from_output(out, {"t1": [5]})
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"t1": [5]}))
     assert t1.status == RequestStatus.FINISHED_LENGTH
     assert list(kv.pins) == ["s"] and kv.num_pinned_blocks == 2
     t2 = req("t2", list(range(40)) + [5, 6, 7], session="s", retention=30.0, max_tokens=1)
     sched.add_request(t2)
     out = sched.schedule()
     assert t2.num_cached_tokens == 32 and not kv.pins  # the new turn holds the blocks now
-    sched.update_from_output(out, {"t2": [1]})
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"t2": [1]}))
     assert list(kv.pins) == ["s"]
     # An aborted turn does not pin.
     t3 = req("t3", range(300, 340), session="s2", retention=30.0, max_tokens=4)
@@ -117,7 +118,7 @@ def test_pins_yield_to_work_that_needs_their_memory():
     for i in range(2):  # two finished sessions pin 3 blocks each: 6 of 8 blocks
         r = req(f"s{i}", range(100 * i, 100 * i + 3 * BS + 1), session=f"sess{i}", retention=600.0)
         sched.add_request(r)
-        sched.update_from_output(sched.schedule(), {r.request_id: [1]})
+        sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({r.request_id: [1]}))
     assert kv.num_pinned_blocks == 6 and kv.num_free_blocks == 2
     # A new request needing 5 blocks, with nothing running: the oldest pin is released for it.
     big = req("big", range(500, 500 + 4 * BS + 3), max_tokens=2)
@@ -125,9 +126,9 @@ def test_pins_yield_to_work_that_needs_their_memory():
     out = sched.schedule()
     assert [s.request.request_id for s in out.scheduled] == ["big"]
     assert list(kv.pins) == ["sess1"]
-    sched.update_from_output(out, {"big": [1]})
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"big": [1]}))
     # Growing past the pool while running: the remaining pin goes before any preemption.
-    sched.update_from_output(sched.schedule(), {"big": [2]})
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({"big": [2]}))
     assert big.is_finished and sched.num_preemptions == 0
     kv.release_session("sess1")
     assert_no_leak(kv)

@@ -1,0 +1,50 @@
+"""Per-request logits processors (a grammar mask is one): how they are built and told of tokens.
+
+A processor is a callable `(output_token_ids, logits_row) -> logits_row`. A plain function is
+stateless and may be shared. A stateful one subclasses LogitsProcessor: each sample of a
+request gets its own copy (`fork`), and the engine tells it which tokens were accepted and,
+after speculative verification, how many it saw that were rolled back. A processor that
+raises fails only its own request.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+
+ProcessorFn = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+
+class LogitsProcessor:
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accept(self, token_ids: Sequence[int]) -> None:
+        """These tokens were appended to the request's output (in order)."""
+
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last num_tokens tokens given to accept() (rejected drafts)."""
+
+    def fork(self) -> "LogitsProcessor":
+        """A fresh copy for another sample of the same request (n > 1)."""
+        return copy.deepcopy(self)
+
+
+def build_processors(specs: Sequence) -> list:
+    """One sample's processors: stateful ones forked, plain functions shared."""
+    return [p.fork() if isinstance(p, LogitsProcessor) else p for p in specs]
+
+
+def notify_accept(processors: Sequence, token_ids: Sequence[int]) -> None:
+    for p in processors:
+        if isinstance(p, LogitsProcessor):
+            p.accept(token_ids)
+
+
+def notify_rollback(processors: Sequence, num_tokens: int) -> None:
+    if num_tokens:
+        for p in processors:
+            if isinstance(p, LogitsProcessor):
+                p.rollback(num_tokens)

@@ -1,0 +1,63 @@
+"""The one place that resolves every "auto" choice, once, at start-up: device, dtype, attention
+backend, the host KV tier, threads. Everything downstream receives concrete values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # On CPUs without AMX bf16 matmuls run slower than fp32 (measured); GPUs use bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """'auto': the best backend registered for the device (today the torch one everywhere; a
+    CUDA backend registers in attention/ when present)."""
+    return "torch" if name == "auto" else name
+
+
+def resolve_host_kv_cache_memory(value: int | None, device: torch.device, enable_prefix_caching: bool,
+                                 available_host_bytes: int) -> int:
+    """Bytes for the host KV tier. None (auto): 10% of free host memory behind an accelerator,
+    off on the CPU device (its blocks already live in host memory); 0: off."""
+    if not enable_prefix_caching:
+        return 0
+    if value is None:
+        return int(available_host_bytes * 0.1) if device.type == "cuda" else 0
+    return value
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (SMT siblings counted once)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
+                pkg = f.read().strip()
+            cores.add((pkg, core))
+        except OSError:
+            cores.add(("", str(cpu)))
+    return max(1, len(cores))
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Intra-op threads for the kernels: the physical cores by default."""
+    return threads if threads else physical_cores()
