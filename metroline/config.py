@@ -73,3 +73,25 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-side settings; the engine's are CacheConfig / SchedulerConfig / ModelConfig."""
+
+    served_model_names: tuple[str, ...] = ()  # empty: the model's own name
+    api_key: str | None = None
+    max_request_body_bytes: int = 8 * 2**20
+    request_timeout: float | None = None  # seconds for a whole generation request
+    shutdown_timeout: float = 30.0  # seconds in-flight work may take once draining began
+    chat_template: str | None = None  # template source overriding the model's
+    ready_timeout: float = 30.0  # seconds /ready's one-token generation may take
+    retry_after: int = 1  # seconds, sent with 429
+
+    def __post_init__(self):
+        if self.max_request_body_bytes <= 0:
+            raise ValueError("max_request_body_bytes must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")

@@ -11,7 +11,9 @@ Long tests are marked `@pytest.mark.slow` (the marker is declared in pyproject.t
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import pytest
 import torch
@@ -23,6 +25,25 @@ def pytest_configure(config):
     # threads take a core. One intra-op thread keeps every test's timing sane; benchmarks,
     # not tests, measure speed. METROLINE_TEST_THREADS overrides.
     torch.set_num_threads(int(os.environ.get("METROLINE_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `timing` assert wall-clock windows, which a busy shared machine can miss
+    # once; a second miss in a row is a real failure.
+    for item in items:
+        if item.get_closest_marker("timing") and isinstance(item, pytest.Function):
+            item.obj = _retry_once(item.obj, item.nodeid)
+
+
+def _retry_once(fn, name):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AssertionError as e:
+            warnings.warn(f"{name}: timing assertion failed once ({e}); retrying")
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,9 @@ def load_tokenizer(path: str | None):
     if os.path.isdir(path):
         return Tokenizer.from_hf_dir(path)
     if os.path.isfile(path):
-        return Tokenizer.from_gguf(path)
+        from metroline.model.loader import load_tokenizer_from_gguf
+
+        return load_tokenizer_from_gguf(path)
     raise MetrolineError(f"--tokenizer: no such file or folder: {path}")
 
 

@@ -9,15 +9,12 @@ its own thread (AsyncEngine); the HTTP event loop only parses, tokenizes and str
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import hmac
 import json
 import logging
 import os
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -26,10 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metroline.engine.async_engine import AsyncEngine
-from metroline.engine.request import SamplingParams
-from metroline.server.metrics import CONTENT_TYPE, ServerMetrics
+from metroline.engine.request import RequestHints, SamplingParams
+from metroline.server.metrics import CONTENT_TYPE
 from metroline.server.protocol import APIError
-from metroline.server.runs import Run, engine_error
+from metroline.server.runs import engine_error
+from metroline.server.state import ServerConfig, ServerState
+
+__all__ = ["ServerConfig", "ServerState", "api_key_from_env", "create_app", "serve"]
 
 logger = logging.getLogger("metroline.server")
 
@@ -37,92 +37,6 @@ API_KEY_ENV = "METROLINE_API_KEY"
 # Routes answered without an API key: liveness must be probe-able by an orchestrator that
 # holds no secret. Everything else, /metrics and /openapi.json included, needs the key.
 AUTH_ALLOWLIST = frozenset({"/health"})
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Server-side settings; the engine's are CacheConfig / SchedulerConfig / ModelConfig."""
-
-    served_model_names: tuple[str, ...] = ()  # empty: the model's own name
-    api_key: str | None = None
-    max_request_body_bytes: int = 8 * 2**20
-    request_timeout: float | None = None  # seconds for a whole generation request
-    shutdown_timeout: float = 30.0  # seconds in-flight work may take once draining began
-    chat_template: str | None = None  # template source overriding the model's
-    ready_timeout: float = 30.0  # seconds /ready's one-token generation may take
-    retry_after: int = 1  # seconds, sent with 429
-
-    def __post_init__(self):
-        if self.max_request_body_bytes <= 0:
-            raise ValueError("max_request_body_bytes must be > 0")
-        if self.request_timeout is not None and self.request_timeout <= 0:
-            raise ValueError("request_timeout must be > 0")
-        if self.shutdown_timeout < 0:
-            raise ValueError("shutdown_timeout must be >= 0")
-
-
-class ServerState:
-    """What the routes share: the engine front, the tokenizer, in-flight runs, drain state."""
-
-    def __init__(self, engine: AsyncEngine, config: ServerConfig):
-        self.engine = engine
-        self.config = config
-        core = engine.core
-        tokenizer = engine.tokenizer
-        if config.chat_template is not None:
-            # A copy, so the override never leaks into the model shared with others.
-            tokenizer = copy.copy(tokenizer)
-            tokenizer.chat_template = config.chat_template
-        self.tokenizer = tokenizer
-        self.source_name = core.loaded.source.name
-        self.model_names = config.served_model_names or (self.source_name,)
-        self.max_model_len = core.max_model_len
-        self.vocab_size = core.loaded.config.vocab_size
-        self.created = int(time.time())
-        self.runs: set[Run] = set()
-        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
-        self.draining = False
-        self._drain_now: asyncio.Event | None = None
-        self.metrics = ServerMetrics(engine.get_stats, self._gauges, self.model_names[0])
-
-    def _gauges(self) -> dict:
-        return {"engine_alive": int(self.engine.is_alive), "draining": int(self.draining),
-                "in_flight": len(self.runs)}
-
-    def check_admitting(self) -> None:
-        """Raise 503 unless new generation work may start."""
-        if self.draining:
-            raise APIError(503, "the server is shutting down and admits no new requests",
-                           "service_unavailable", None, "server_draining")
-        if not self.engine.is_alive:
-            raise APIError(503, "the engine loop is not running", "service_unavailable", None,
-                           "engine_dead")
-
-    async def drain(self, timeout: float) -> None:
-        """Stop admitting (503, /ready 503), let in-flight requests finish for up to `timeout`
-        seconds, then end the rest with an error (a final error event for streams)."""
-        loop = asyncio.get_running_loop()
-        self.draining = True
-        if self._drain_now is None:
-            self._drain_now = asyncio.Event()
-        logger.warning("draining: %d request(s) in flight, waiting up to %g s",
-                       len(self.runs), timeout)
-        deadline = loop.time() + timeout
-        while self.runs and loop.time() < deadline and not self._drain_now.is_set():
-            await asyncio.sleep(0.05)
-        if self.runs:
-            logger.warning("ending %d request(s) still in flight", len(self.runs))
-            err = APIError(503, "the server shut down before this request finished",
-                           "service_unavailable", None, "server_shutdown")
-            for run in list(self.runs):
-                run.kill(err)
-            await asyncio.sleep(0.1)  # their handlers write the error; uvicorn then waits for them
-
-    def end_drain_now(self) -> None:
-        self.draining = True
-        if self._drain_now is None:
-            self._drain_now = asyncio.Event()
-        self._drain_now.set()
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -330,7 +244,7 @@ async def _one_token(state: ServerState) -> None:
     prompt = state.tokenizer.encode("ready", add_special_tokens=False) or [0]
     params = SamplingParams(max_tokens=1, temperature=0.0)
     try:
-        async for _ in state.engine.generate(prompt, params, priority=-(2**31)):
+        async for _ in state.engine.generate(prompt, params, hints=RequestHints(priority=-(2**31))):
             pass
     except Exception as e:
         raise engine_error(e) from None

@@ -24,7 +24,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 24
 class _EngineCollector:
     """Reads the engine's snapshot on every scrape (the engine keeps the counts itself)."""
 
-    def __init__(self, stats: Callable[[], dict], server_gauges: Callable[[], dict], model: str):
+    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str):
         self._stats, self._server, self._model = stats, server_gauges, model
 
     def collect(self):
@@ -40,32 +40,30 @@ class _EngineCollector:
             c.add_metric(labels, float(value))
             return c
 
-        yield gauge("num_requests_running", "Sequences in the running batch.", s["num_running"])
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s["num_waiting"])
+        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
-                    s["kv_cache_usage"])
-        yield gauge("kv_cache_num_blocks", "KV cache blocks in the pool.", s["num_blocks"])
+                    s.kv_cache_usage)
+        yield gauge("kv_cache_num_blocks", "KV cache blocks in the pool.", s.num_blocks)
         yield counter("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).",
-                      s["prompt_tokens"])
-        yield counter("generation_tokens", "Tokens generated.", s["generation_tokens"])
+                      s.prompt_tokens)
+        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("num_preemptions", "Preemptions (a running request's KV dropped).",
-                      s["num_preemptions"])
+                      s.num_preemptions)
         yield counter("prefix_cache_queries", "Tokens looked up in the prefix cache.",
-                      s["prefix_cache_queries"])
+                      s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Tokens found in the prefix cache.",
-                      s["prefix_cache_hits"])
-        yield counter("engine_steps", "Engine steps that ran the model.", s["steps"])
-        if "pinned_blocks" in s:
-            yield gauge("kv_cache_pinned_blocks", "KV blocks retained for sessions.",
-                        s["pinned_blocks"])
-        if "pinned_sessions" in s:
-            yield gauge("kv_cache_pinned_sessions", "Sessions whose KV is retained.",
-                        s["pinned_sessions"])
-            yield counter("kv_host_tier_hits", "Prompt tokens restored from the host KV tier.",
-                          s["host_tier_hits"])
-        if "kv_evictions" in s:
-            yield counter("kv_cache_evictions", "Cached KV blocks evicted for reuse.",
-                          s["kv_evictions"])
+                      s.prefix_cache_hits)
+        yield counter("engine_steps", "Engine steps that ran the model.", s.steps)
+        yield gauge("kv_cache_pinned_blocks", "KV blocks retained for sessions.", s.pinned_blocks)
+        yield gauge("kv_cache_pinned_sessions", "Sessions whose KV is retained.", s.pinned_sessions)
+        yield counter("kv_host_tier_hits", "Prompt tokens restored from the host KV tier.",
+                      s.host_tier_hits)
+        yield counter("kv_cache_evictions", "Cached KV blocks evicted for reuse.", s.kv_evictions)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).",
+                      s.spec_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                      s.spec_accepted_tokens)
         yield gauge("engine_alive", "1 while the engine loop runs.", srv["engine_alive"])
         yield gauge("server_draining", "1 while the server drains before shutdown.",
                     srv["draining"])
@@ -74,7 +72,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict], server_gauges: Callable[[], dict], model: str):
+    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str):
         self.model = model
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats, server_gauges, model))

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from metroline.engine.request import RequestHints
 from metroline.errors import InvalidRequestError
 from metroline.server.protocol import (CHAT_ROLES, MAX_PROMPTS, APIError, ChatCompletionRequest,
                                        ChatMessage, CompletionRequest, DetokenizeRequest,
@@ -66,18 +67,6 @@ async def _encode(state, text: str, add_special_tokens: bool) -> list[int]:
     return state.tokenizer.encode(text, add_special_tokens)
 
 
-def _check_context(state, prompt: list[int], max_tokens: int | None, param: str,
-                   max_tokens_param: str = "max_tokens") -> None:
-    limit, n = state.max_model_len, len(prompt)
-    if n >= limit:
-        raise bad_request(f"this model's maximum context length is {limit} tokens, but the "
-                          f"prompt has {n} tokens", param, "context_length_exceeded")
-    if max_tokens is not None and n + max_tokens > limit:
-        raise bad_request(f"this model's maximum context length is {limit} tokens, but {n} "
-                          f"prompt tokens + {max_tokens} {max_tokens_param} were requested",
-                          max_tokens_param, "context_length_exceeded")
-
-
 def tenant_scoped(request: Request, name: str | None) -> str | None:
     """Prefix a cache salt or session id with the caller's tenant (its API key), so one
     tenant can never hit, pin or release another's cached KV."""
@@ -87,11 +76,12 @@ def tenant_scoped(request: Request, name: str | None) -> str | None:
     return f"{tenant}/{name or ''}"
 
 
-def _hints(body, request: Request) -> dict:
-    return {"priority": body.priority,
-            "session_id": tenant_scoped(request, body.session_id) if body.session_id else None,
-            "cache_salt": tenant_scoped(request, body.cache_salt),
-            "kv_retention_s": body.kv_retention_s}
+def _hints(body, request: Request) -> RequestHints:
+    return RequestHints(
+        priority=body.priority,
+        session_id=tenant_scoped(request, body.session_id) if body.session_id else None,
+        cache_salt=tenant_scoped(request, body.cache_salt),
+        kv_retention_s=body.kv_retention_s)
 
 
 def _usage(run: Run, prompts: list[list[int]]) -> dict:
@@ -279,12 +269,7 @@ async def _completion_prompts(state, prompt) -> list[list[int]]:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
     out = []
     for p in prompt:
-        ids = await _encode(state, p, True) if isinstance(p, str) else list(p)
-        if not ids:
-            raise bad_request("prompt must not be empty", "prompt")
-        if min(ids) < 0 or max(ids) >= state.vocab_size:
-            raise bad_request(f"prompt token ids must be in [0, {state.vocab_size})", "prompt")
-        out.append(ids)
+        out.append(await _encode(state, p, True) if isinstance(p, str) else list(p))
     return out
 
 
@@ -307,8 +292,6 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompts = await _completion_prompts(state, body.prompt)
         if len(prompts) * params.n > 128:
             raise bad_request("len(prompt) * n must be at most 128", "n")
-        for p in prompts:
-            _check_context(state, p, params.max_tokens, "prompt")
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
         want_lp = body.logprobs is not None
@@ -430,21 +413,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
+        param_names = {"logprobs": "top_logprobs", "prompt": "messages"} | (
+            {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None
+            else {})
         params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
-                                    vocab_size=state.vocab_size,
-                                    param_names={"logprobs": "top_logprobs"} | (
-                                        {"max_tokens": "max_completion_tokens"}
-                                        if body.max_completion_tokens is not None else {}))
+                                    vocab_size=state.vocab_size, param_names=param_names)
         text = _render_chat(state, body.messages, body.add_generation_prompt,
                             body.chat_template_kwargs)
         prompt = await _encode(state, text, False)
-        _check_context(state, prompt, params.max_tokens, "messages",
-                       "max_completion_tokens" if body.max_completion_tokens is not None
-                       else "max_tokens")
         rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         texts = _texts(state) if body.logprobs else None
         run = Run(state, request, [prompt], params, _hints(body, request), arrival=arrival,
-                  prefix="chatcmpl")
+                  prefix="chatcmpl", param_names=param_names)
         await run.start()
     except APIError as e:
         state.metrics.count_error(e.code)

@@ -8,6 +8,7 @@ that is one dict per token, and pydantic models would only add cost there.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -202,7 +203,19 @@ def to_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
     try:
         params.validate(vocab_size)
     except InvalidRequestError as e:
-        param = (param_names or {}).get(e.param, e.param)
-        raise bad_request(str(e), param, e.code) from None
+        param, message = renamed_param(e, param_names)
+        raise bad_request(message, param, e.code) from None
     return params
+
+
+def renamed_param(e: InvalidRequestError, param_names: dict[str, str] | None) -> tuple[str | None, str]:
+    """The engine's error in the request's own words: its parameter renamed (engine names
+    such as `prompt`, `max_tokens`, `logprobs` onto e.g. `messages`, `max_completion_tokens`,
+    `top_logprobs`), in `param` and in the message."""
+    new = (param_names or {}).get(e.param)
+    if not new:
+        return e.param, str(e)
+    if e.param == "prompt":  # also a plain word in the engine's messages: keep them as they are
+        return new, str(e)
+    return new, re.sub(rf"\b{re.escape(e.param)}\b", new, str(e))
 

@@ -18,16 +18,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, AsyncIterator
 
-from metroline.engine.async_engine import EngineDeadError
-from metroline.engine.request import RequestOutput, SamplingParams
-from metroline.engine.scheduler import QueueFullError
-from metroline.errors import InvalidRequestError
-from metroline.server.protocol import APIError
+from metroline.engine.request import RequestHints, RequestOutput, SamplingParams
+from metroline.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from metroline.server.protocol import APIError, renamed_param
+from metroline.server.state import ServerState
 
 if TYPE_CHECKING:
     from starlette.requests import Request
-
-    from metroline.server.app import ServerState
 
 logger = logging.getLogger("metroline.server")
 
@@ -41,12 +38,15 @@ class ClientDisconnected(APIError):
                          code="client_disconnected")
 
 
-def engine_error(e: BaseException, retry_after: int = 1) -> APIError:
-    """The API error for an exception raised by AsyncEngine.generate."""
+def engine_error(e: BaseException, retry_after: int = 1,
+                 param_names: dict[str, str] | None = None) -> APIError:
+    """The API error for an exception raised by AsyncEngine.generate; `param_names` renames
+    the engine's parameter names to those of the request (e.g. prompt -> messages)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, InvalidRequestError):
-        return APIError(400, str(e), "invalid_request_error", e.param, e.code)
+        param, message = renamed_param(e, param_names)
+        return APIError(400, message, "invalid_request_error", param, e.code)
     if isinstance(e, QueueFullError):
         return APIError(429, f"the server is busy: {e}", "rate_limit_error", None, "queue_full",
                         headers={"Retry-After": str(retry_after)})
@@ -60,12 +60,13 @@ def engine_error(e: BaseException, retry_after: int = 1) -> APIError:
 
 class Run:
     def __init__(self, server: ServerState, request: Request | None, prompts: list[list[int]],
-                 params: SamplingParams, hints: dict, *, arrival: float | None = None,
-                 prefix: str = "run"):
+                 params: SamplingParams, hints: RequestHints, *, arrival: float | None = None,
+                 prefix: str = "run", param_names: dict[str, str] | None = None):
         self.server = server
         self.prompts = prompts
         self.params = params
         self.hints = hints
+        self.param_names = param_names
         self.arrival = time.monotonic() if arrival is None else arrival
         self.request_id = f"{prefix}-{next(_ids)}"
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -98,7 +99,7 @@ class Run:
         engine = self.server.engine
         for i, prompt in enumerate(self.prompts):
             gen = engine.generate(prompt, self.params, request_id=f"{self.request_id}-{i}",
-                                  **self.hints)
+                                  hints=self.hints)
             self._pumps.append(loop.create_task(self._pump(i, gen)))
         pending = set(range(len(self.prompts)))
         try:
@@ -160,7 +161,7 @@ class Run:
             raise self._error
         i, item = await self._queue.get()
         if isinstance(item, BaseException):
-            err = engine_error(item, self.server.config.retry_after)
+            err = engine_error(item, self.server.config.retry_after, self.param_names)
             self.kill(err)
             raise self._error
         self._note(i, item)

@@ -42,6 +42,7 @@ def test_api_root():
     assert api_root("http://h:1") == api_root("http://h:1/") == api_root("http://h:1/v1/") == "http://h:1/v1"
 
 
+@pytest.mark.timing
 def test_measured_timings_match_the_servers_delays(fake):
     progs = w.random_programs(TOK, 4, input_len=12, output_len=10, seed=0)
     (summary,) = run(fake, progs, [(1, INF)], endpoint="completions")
@@ -96,6 +97,7 @@ def test_outputs_cut_short_by_eos_are_reported():
     assert summary["metrics"]["output_tokens_short"] == 3
 
 
+@pytest.mark.timing
 def test_serialized_server_shows_queueing_in_ttft():
     # Each request takes 0.05 + 5 * 0.01 = 0.1 s and the server serves one at a time (as
     # llama-cpp-python's does): with 4 sent at once, the k-th waits k * 0.1 s for its turn.
@@ -136,6 +138,7 @@ def test_multiturn_history_grows_with_the_replies(fake):
             [(p, t) for p in range(2) for t in range(3)]
 
 
+@pytest.mark.timing
 def test_agent_calls_wait_for_their_tool(fake):
     progs = w.agent_programs(TOK, 2, seed=0, num_calls=3, output_len=3, tool_output_len=5,
                              tool_pause_s=0.1, system_len=20, task_len=6, records=records())
@@ -153,6 +156,7 @@ def test_agent_calls_wait_for_their_tool(fake):
     assert max(len(b["messages"]) for b in bodies) == 1 + 5
 
 
+@pytest.mark.timing
 def test_poisson_arrivals():
     assert arrival_offsets(3, INF, 0) == [0, 0, 0]
     offs = arrival_offsets(2000, 10.0, seed=4)
@@ -163,6 +167,7 @@ def test_poisson_arrivals():
         arrival_offsets(2, 0, 0)
 
 
+@pytest.mark.timing
 def test_request_rate_spaces_the_starts(fake):
     progs = w.random_programs(TOK, 4, 8, 2, seed=0)
     (summary,) = run(fake, progs, [(None, 8.0)], warmup=0)

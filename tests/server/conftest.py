@@ -88,8 +88,8 @@ def wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         s = engine.get_stats()
-        if (s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_streams"] == 0
-                and s["kv_cache_usage"] == 0.0 and not engine.core.has_unfinished_requests()):
+        if (s.num_running == 0 and s.num_waiting == 0 and s.num_streams == 0
+                and s.kv_cache_usage == 0.0 and not engine.core.has_unfinished_requests()):
             return s
         if time.monotonic() > deadline:
             raise AssertionError(f"engine not idle after {timeout} s: {s}")

@@ -67,12 +67,12 @@ def test_disconnect_while_queued(tiny, tiny_engine, tiny_client, pool):
     # max_num_seqs=1: A runs, B waits in the queue; B's client goes away.
     a = raw_post(tiny.port, "/v1/completions", {"prompt": "Once", "max_tokens": 2000,
                                                 "stream": True, **LONG})
-    wait_for(lambda: tiny_engine.get_stats()["num_running"] == 1, what="A running")
+    wait_for(lambda: tiny_engine.get_stats().num_running == 1, what="A running")
     b = raw_post(tiny.port, "/v1/completions", {"prompt": "Twice", "max_tokens": 5, **LONG})
-    wait_for(lambda: tiny_engine.get_stats()["num_waiting"] == 1, what="B queued")
+    wait_for(lambda: tiny_engine.get_stats().num_waiting == 1, what="B queued")
     b.close()
-    wait_for(lambda: tiny_engine.get_stats()["num_waiting"] == 0, what="B aborted")
-    assert tiny_engine.get_stats()["num_running"] == 1  # A flows on
+    wait_for(lambda: tiny_engine.get_stats().num_waiting == 0, what="B aborted")
+    assert tiny_engine.get_stats().num_running == 1  # A flows on
     read_events(a, 2)
     a.close()
     wait_idle(tiny_engine)
@@ -140,9 +140,9 @@ def test_disconnect_with_openai_client_stream(client, engine):
 def test_queue_full_is_429_with_retry_after(tiny, tiny_engine, tiny_client):
     a = raw_post(tiny.port, "/v1/completions", {"prompt": "One", "max_tokens": 2000,
                                                 "stream": True, **LONG})
-    wait_for(lambda: tiny_engine.get_stats()["num_running"] == 1, what="A running")
+    wait_for(lambda: tiny_engine.get_stats().num_running == 1, what="A running")
     b = raw_post(tiny.port, "/v1/completions", {"prompt": "Two", "max_tokens": 3, **LONG})
-    wait_for(lambda: tiny_engine.get_stats()["num_waiting"] == 1, what="B queued")
+    wait_for(lambda: tiny_engine.get_stats().num_waiting == 1, what="B queued")
     with pytest.raises(openai.RateLimitError) as e:
         tiny_client.completions.create(model=MODEL, prompt="Three", max_tokens=2)
     assert e.value.code == "queue_full"
