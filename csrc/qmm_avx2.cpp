@@ -20,6 +20,7 @@ namespace {
 
 struct Avx2 {
   static constexpr int R = 8, MT_MAX = 4, RV_FULL_UPTO = 2, Q8_OFF = 0;
+  static constexpr bool ROLL_CHUNKS = true;
   using I = __m256i;
   using F = __m256;
   static I load(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }

@@ -25,6 +25,7 @@ namespace {
 
 struct Avx512 {
   static constexpr int R = 16, MT_MAX = 8, RV_FULL_UPTO = 8, Q8_OFF = 128;
+  static constexpr bool ROLL_CHUNKS = false;
   using I = __m512i;
   using F = __m512;
   static I load(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }

@@ -36,8 +36,7 @@ static inline void qmm_tile(const QArgs& a, int64_t g, int v0, int64_t m0) {
     for (int v = 0; v < RV; ++v)
 #pragma GCC unroll 16
       for (int m = 0; m < MT; ++m) ia[v][m] = V::zero_i();
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) {
+    auto chunk = [&](int c) __attribute__((always_inline)) {
 #pragma GCC unroll 16
       for (int v = 0; v < RV; ++v) {
         const I w = V::load(rec + QO + c * 64 + (v0 + v) * R * 4);
@@ -55,6 +54,15 @@ static inline void qmm_tile(const QArgs& a, int64_t g, int v0, int64_t m0) {
           }
         }
       }
+    };
+    // A rolled chunk loop keeps GCC from re-associating the integer sums into a tree of
+    // temporaries that spill (16 ymm registers); with 32 zmm registers unrolling is free.
+    if constexpr (V::ROLL_CHUNKS) {
+#pragma GCC unroll 1
+      for (int c = 0; c < NC; ++c) chunk(c);
+    } else {
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) chunk(c);
     }
 #pragma GCC unroll 16
     for (int v = 0; v < RV; ++v) {
