@@ -25,15 +25,21 @@ SOURCES = [
 # bit-identical to gguf's (no fused d*q+m).
 CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
 HINT = "To fix: install a C++17 compiler (g++ >= 9) and run `pip install --no-build-isolation -e .`"
+HERE = os.path.dirname(os.path.abspath(__file__))
+# pip hides a successful build's output; scripts/setup.sh prints this file when _C is missing.
+WARNING_FILE = os.path.join(HERE, "build", "metroline-kernels-warning.txt")
 
 
 def warn(reason: str) -> None:
     reason = " ".join(str(reason).split())[:300]
-    print(
-        f"metroline: C++ kernels not built ({reason}); running on the torch path, slower. {HINT}",
-        file=sys.stderr,
-        flush=True,
-    )
+    line = f"metroline: C++ kernels not built ({reason}); running on the torch path, slower. {HINT}"
+    print(line, file=sys.stderr, flush=True)
+    try:
+        os.makedirs(os.path.dirname(WARNING_FILE), exist_ok=True)
+        with open(WARNING_FILE, "w") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def extension_setup() -> dict:
@@ -52,6 +58,8 @@ def extension_setup() -> dict:
         def run(self):
             try:
                 super().run()
+                if os.path.exists(WARNING_FILE):
+                    os.remove(WARNING_FILE)
             except BaseException as e:  # noqa: BLE001 - the install must go on
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -60,7 +68,7 @@ def extension_setup() -> dict:
     ext = CppExtension(
         "metroline._C",
         SOURCES,
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": CXX_FLAGS},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}

