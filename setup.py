@@ -9,6 +9,7 @@ so install with `pip install --no-build-isolation -e .` (scripts/setup.sh does).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -28,6 +29,17 @@ HINT = "To fix: install a C++17 compiler (g++ >= 9) and run `pip install --no-bu
 HERE = os.path.dirname(os.path.abspath(__file__))
 # pip hides a successful build's output; scripts/setup.sh prints this file when _C is missing.
 WARNING_FILE = os.path.join(HERE, "build", "metroline-kernels-warning.txt")
+
+
+def describe(e: BaseException) -> str:
+    """A short reason: a failed compiler command line is hundreds of characters long."""
+    msg = " ".join(str(e).split())
+    cmd = re.match(r"Command '\[?'?([^',\]]+)", msg)
+    src = re.search(r"([\w/.-]+\.cpp)", msg)
+    if cmd:
+        what = f"compiling {os.path.relpath(src.group(1), HERE)}" if src else "the compiler check"
+        return f"{type(e).__name__}: {what} with `{cmd.group(1)}` failed"
+    return f"{type(e).__name__}: {msg}"
 
 
 def warn(reason: str) -> None:
@@ -63,7 +75,7 @@ def extension_setup() -> dict:
             except BaseException as e:  # noqa: BLE001 - the install must go on
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                warn(f"{type(e).__name__}: {e}")
+                warn(describe(e))
 
     ext = CppExtension(
         "metroline._C",
