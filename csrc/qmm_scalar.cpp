@@ -87,28 +87,41 @@ static inline int packed_q(const uint8_t* rec, int fmt, int r, int k) {
   return k < 16 ? (byte & 15) : (byte >> 4);
 }
 
-void dequant_groups(const uint8_t* packed, float* out, int fmt, int64_t N, int64_t K,
-                    int64_t g0, int64_t g1) {
-  const int64_t nb = K / QK, rec = rec_bytes(fmt);
+template <int FMT>
+static void dequant_t(const uint8_t* packed, float* out, int64_t N, int64_t K, int64_t g0, int64_t g1) {
+  constexpr int QB = FMT == Q8_0 ? 32 : 16, NC = QB / 4, REC = rec_bytes(FMT), QO = rec_qoff(FMT);
+  const int64_t nb = K / QK;
   for (int64_t g = g0; g < g1; ++g) {
-    for (int r = 0; r < G && g * G + r < N; ++r) {
-      float* o = out + (g * G + r) * K;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* p = packed + (g * nb + b) * rec;
+    const int rows = N - g * G < G ? int(N - g * G) : G;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = packed + (g * nb + b) * REC;
+      uint8_t t[G][QB];  // the block's quants back in GGUF order, so the loops below vectorize
+      for (int c = 0; c < NC; ++c)
+        for (int r = 0; r < G; ++r) std::memcpy(&t[r][4 * c], p + QO + c * 64 + r * 4, 4);
+      for (int r = 0; r < rows; ++r) {
+        float* o = out + (g * G + r) * K + b * QK;
         const float d = fp16_to_fp32(load_u16(p + 2 * r));
-        const float m = fmt == Q4_1 ? fp16_to_fp32(load_u16(p + 32 + 2 * r)) : 0.f;
-        for (int k = 0; k < QK; ++k) {
-          const int q = packed_q(p, fmt, r, k);
-          // Same operations, in the same order, as gguf.quants (built with -ffp-contract=off).
-          float w;
-          if (fmt == Q8_0) w = float(q) * d;
-          else if (fmt == Q4_0) w = d * float(q - 8);
-          else w = d * float(q) + m;
-          o[b * QK + k] = w;
+        // The same operations, in the same order, as gguf.quants (-ffp-contract=off).
+        if constexpr (FMT == Q8_0) {
+          for (int k = 0; k < QK; ++k) o[k] = float(int8_t(t[r][k])) * d;
+        } else if constexpr (FMT == Q4_0) {
+          for (int j = 0; j < 16; ++j) o[j] = d * float((t[r][j] & 15) - 8);
+          for (int j = 0; j < 16; ++j) o[j + 16] = d * float((t[r][j] >> 4) - 8);
+        } else {
+          const float m = fp16_to_fp32(load_u16(p + 32 + 2 * r));
+          for (int j = 0; j < 16; ++j) o[j] = d * float(t[r][j] & 15) + m;
+          for (int j = 0; j < 16; ++j) o[j + 16] = d * float(t[r][j] >> 4) + m;
         }
       }
     }
   }
+}
+
+void dequant_groups(const uint8_t* packed, float* out, int fmt, int64_t N, int64_t K,
+                    int64_t g0, int64_t g1) {
+  if (fmt == Q8_0) return dequant_t<Q8_0>(packed, out, N, K, g0, g1);
+  if (fmt == Q4_0) return dequant_t<Q4_0>(packed, out, N, K, g0, g1);
+  return dequant_t<Q4_1>(packed, out, N, K, g0, g1);
 }
 
 void quantize_x_scalar(const float* x, int64_t K, int64_t m0, int64_t m1, QXBuf out) {
