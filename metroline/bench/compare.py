@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from metroline.bench.noise import input_load_warning, is_loaded, result_load_at_start
 from metroline.bench.plots import COMPARE_METRICS, metric, plot_compare
 from metroline.bench.serve import load_result
 
@@ -45,8 +46,18 @@ def compare(paths: list[str]) -> dict:
                          "title": title, "higher_is_better": higher_better, "values": vals,
                          "ratios": [v / base if (v is not None and base) else None for v in vals]})
     datasets = {r["dataset"]["name"] for r in results}
-    return {"labels": labels, "paths": paths, "datasets": sorted(datasets), "rows": rows,
-            "_points": points, "_maps": maps}
+    inputs = []
+    for r, p, label in zip(results, paths, labels):
+        rec = result_load_at_start(r)
+        inputs.append({"path": p, "label": label, "load_at_start": rec, "loaded": is_loaded(rec),
+                       "warning": input_load_warning(p, r)})
+    return {"labels": labels, "paths": paths, "datasets": sorted(datasets), "inputs": inputs,
+            "rows": rows, "_points": points, "_maps": maps}
+
+
+def load_warnings(cmp: dict) -> list[str]:
+    """One line per input recorded under load or without a load record."""
+    return [i["warning"] for i in cmp["inputs"] if i["warning"]]
 
 
 def format_table(cmp: dict) -> str:
@@ -73,7 +84,15 @@ def format_table(cmp: dict) -> str:
 
 
 def compare_plot(cmp: dict, path: str) -> None:
-    plot_compare(cmp["labels"], cmp["_maps"], cmp["_points"], path)
+    notes = []
+    for i in cmp["inputs"]:
+        rec = i["load_at_start"]
+        if rec is None:
+            notes.append(f"{i['label']}: no load record")
+        else:
+            notes.append(f"{i['label']}: load {rec['load_avg'][0]:.2f} on {rec.get('cpu_count') or '?'} cores"
+                         + (" (BUSY)" if i["loaded"] else ""))
+    plot_compare(cmp["labels"], cmp["_maps"], cmp["_points"], path, notes)
 
 
 def public(cmp: dict) -> dict:

@@ -17,11 +17,14 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from metroline.bench.client import StreamingClient
 from metroline.bench.metrics import (RequestRecord, compute_metrics, cost_per_million,
                                      per_turn_metrics)
 from metroline.bench.workloads import Program
+
+if TYPE_CHECKING:  # the client needs httpx (the [bench] extra); reading results does not
+    from metroline.bench.client import StreamingClient
 
 RESULT_KIND = "metroline-bench-serve"
 RESULT_VERSION = 1

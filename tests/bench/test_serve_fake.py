@@ -226,8 +226,29 @@ def test_cli_serve_compare_roofline(fake, tmp_path, capsys):
     assert [c["weight_format"] for c in roof["ceilings"]] == ["fp32", "q4_1"]
     fractions = [r for r in roof["results"] if "fraction" in r]
     assert len(fractions) == 4 and all(r["fraction"] > 0 for r in fractions)
+    assert len(roof["load"]["start"]["load_avg"]) == 3
+    assert os.path.getsize(str(tmp_path / "roof.png")) > 1000  # the plot next to the JSON
 
     assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--dataset", "random",
                  "--num-prompts", "1", "--output", str(tmp_path / "x.json")]) == 2
     assert "cannot reach" in capsys.readouterr().err
     assert main(base + ["--goodput", "ttft"]) == 2
+
+
+def test_cli_serve_without_matplotlib_writes_the_json(fake, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from metroline.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = str(tmp_path / "m.json")
+    assert main(["bench", "serve", "--base-url", fake.url, "--dataset", "random", "--num-prompts", "2",
+                 "--random-input-len", "4", "--random-output-len", "2", "--max-concurrency", "1,2",
+                 "--disable-tqdm", "--output", out]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if "matplotlib" in ln] == [
+        "warning: no plots: metroline bench serve needs matplotlib: pip install 'metroline[bench]' "
+        "(the JSON is written)"]  # once, though two plots were due
+    assert len(load_result(out)["runs"]) == 2
+    assert not any(f.endswith(".png") for f in os.listdir(tmp_path))
