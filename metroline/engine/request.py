@@ -106,6 +106,7 @@ class RequestHints:
     program_id: str | None = None  # an agent program, for program-level scheduling
     cache_salt: str | None = None  # scopes the prefix cache (a tenant, a secret)
     kv_retention_s: float | None = None  # with session_id: keep this turn's KV pinned
+    internal: bool = False  # a health probe: left out of the engine's token and step counts
 
 
 class RequestStatus(enum.IntEnum):
@@ -150,6 +151,7 @@ class Request:
         group_id: str | None = None,
         sample_index: int = 0,
         kv_retention_s: float | None = None,
+        internal: bool = False,
     ):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -162,6 +164,7 @@ class Request:
         self.session_id = session_id
         # With a session_id: keep this turn's KV pinned this long after it finishes.
         self.kv_retention_s = kv_retention_s
+        self.internal = internal  # not counted in the engine's token counters
         self.program_id = program_id
         self.cache_salt = cache_salt
         self.group_id = group_id or request_id
@@ -276,6 +279,8 @@ class EngineInfo:
     dtype: str
     num_blocks: int
     block_size: int
+    kv_cache_bytes: int = 0
+    kv_sizing: str = ""  # how the pool's size was chosen
 
 
 @dataclass

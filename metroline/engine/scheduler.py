@@ -243,8 +243,9 @@ class Scheduler:
             req = sr.request
             if req.is_finished:  # aborted while the step ran
                 continue
-            self.num_prompt_tokens_computed += max(
-                0, min(sr.start_pos + sr.num_new_tokens, req.num_prompt_tokens) - sr.start_pos)
+            if not req.internal:
+                self.num_prompt_tokens_computed += max(
+                    0, min(sr.start_pos + sr.num_new_tokens, req.num_prompt_tokens) - sr.start_pos)
             res = runner_output.outputs.get(req.request_id) if sr.sample else None
             if res is not None and res.error is not None:
                 req.error = res.error
@@ -272,7 +273,8 @@ class Scheduler:
                 status = self._check_stop(req, tok)
                 if status is not None:
                     break
-            self.num_generation_tokens += appended
+            if not req.internal:
+                self.num_generation_tokens += appended
             if appended and req.logits_processors:
                 try:
                     notify_accept(req.logits_processors, new[:appended])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -379,9 +380,32 @@ class _NullBar:
         return False
 
 
+class _LineProgress:
+    """Plain progress lines (a log, a pipe, CI): one at the start and every quarter."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.next_quarter = max(1, total), desc, 0, 1
+
+    def update(self, n=1):
+        self.done += n
+        while self.next_quarter <= 4 and self.done * 4 >= self.next_quarter * self.total:
+            print(f"{self.desc}: {self.next_quarter * 25}% ({self.done}/{self.total} tensors)",
+                  file=sys.stderr, flush=True)
+            self.next_quarter += 1
+
+    def __enter__(self):
+        print(f"{self.desc}: {self.total} tensors", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return _NullBar()
+    if not sys.stderr.isatty():
+        return _LineProgress(total, desc)
     from tqdm import tqdm
 
     # delay: no bar at all when loading takes less than a moment.

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -53,21 +54,32 @@ class _AuthMiddleware:
     """Bearer-token check on every HTTP route except AUTH_ALLOWLIST (404s included: an
     unauthenticated client learns nothing about which routes exist)."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str | None, metrics_token: str | None = None,
+                 public_metrics: bool = False):
         self.app = app
         # Several keys (comma-separated) are several tenants; a tenant is named by a digest of
         # its key, which scopes its prefix cache and sessions (openai.tenant_scoped).
         self.keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16])
-                     for k in api_key.split(",") if k.strip()]
+                     for k in (api_key or "").split(",") if k.strip()]
+        # /metrics: open (public_metrics), or also open to a scraper's own bearer token.
+        self.metrics_token = metrics_token.encode() if metrics_token else None
+        self.public_metrics = public_metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in AUTH_ALLOWLIST:
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/metrics" and self.public_metrics:
             return await self.app(scope, receive, send)
         token = b""
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 token = value[7:].strip()
                 break
+        if (scope["path"] == "/metrics" and self.metrics_token is not None
+                and hmac.compare_digest(token, self.metrics_token)):
+            return await self.app(scope, receive, send)
+        if not self.keys and scope["path"] != "/metrics":
+            return await self.app(scope, receive, send)  # only /metrics is protected
         tenant = None
         for key, name in self.keys:  # compare against all, in constant time each
             if hmac.compare_digest(token, key):
@@ -147,7 +159,8 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {e.get('msg')}")
-    return _error_response(APIError(422, "; ".join(parts), "invalid_request_error", param,
+    # OpenAI answers 400 invalid_request_error for a wrong type as for a value out of range.
+    return _error_response(APIError(400, "; ".join(parts), "invalid_request_error", param,
                                     first.get("type")))
 
 
@@ -201,8 +214,9 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _unhandled_error_handler)
     app.add_middleware(_BodyLimitMiddleware, limit=config.max_request_body_bytes)
-    if config.api_key:
-        app.add_middleware(_AuthMiddleware, api_key=config.api_key)  # outermost: before reading
+    if config.api_key or (config.metrics_token and not config.public_metrics):
+        app.add_middleware(_AuthMiddleware, api_key=config.api_key,  # outermost: before reading
+                           metrics_token=config.metrics_token, public_metrics=config.public_metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -213,17 +227,25 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                                             None, "engine_dead"))
         return JSONResponse({"status": "ok"})
 
+    ready_cache: dict = {"at": None}
+
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: a one-token generation goes through; 503 while draining or failing."""
+        """Readiness: a one-token generation goes through; 503 while draining or failing. A
+        success is remembered for ready_cache_s, so a frequent probe costs no generation;
+        the probe's tokens are not counted in the engine's metrics."""
         try:
             state.check_admitting()
-            await asyncio.wait_for(_one_token(state), config.ready_timeout)
+            now = time.monotonic()
+            if ready_cache["at"] is None or now - ready_cache["at"] > config.ready_cache_s:
+                await asyncio.wait_for(_one_token(state), config.ready_timeout)
+                ready_cache["at"] = time.monotonic()
         except asyncio.TimeoutError:
             return _error_response(APIError(503, f"a one-token generation took over "
                                                  f"{config.ready_timeout:g} s",
                                             "service_unavailable", None, "not_ready"))
         except APIError as e:
+            ready_cache["at"] = None
             return _error_response(APIError(503, f"not ready: {e.message}",
                                             "service_unavailable", None, e.code or "not_ready"))
         return JSONResponse({"status": "ready"})
@@ -244,7 +266,8 @@ async def _one_token(state: ServerState) -> None:
     prompt = state.tokenizer.encode("ready", add_special_tokens=False) or [0]
     params = SamplingParams(max_tokens=1, temperature=0.0)
     try:
-        async for _ in state.engine.generate(prompt, params, hints=RequestHints(priority=-(2**31))):
+        probe = RequestHints(priority=-(2**31), internal=True)
+        async for _ in state.engine.generate(prompt, params, hints=probe):
             pass
     except Exception as e:
         raise engine_error(e) from None

@@ -48,7 +48,7 @@ def test_chat_keeps_the_conversation(default_llm, monkeypatch, capsys):
         prompts.append(llm.tokenizer.decode(ids, skip_special_tokens=False))
         return real_stream(llm, ids, params, out)
 
-    monkeypatch.setattr(cli, "_make_llm", lambda args: default_llm)
+    monkeypatch.setattr(cli, "_make_llm", lambda args, command: default_llm)
     monkeypatch.setattr(cli, "_stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\n/reset\nHi\nWhat is my name?\n"))
     assert cli.main(["chat", "--max-tokens", "12"]) == 0
@@ -89,3 +89,79 @@ def test_unsupported_architecture(tmp_path):
 
 def test_invalid_sampling_parameter():
     _assert_one_line_error(_run(["generate", "hi", "--temperature", "-1"]), "temperature")
+
+
+def test_chat_slash_commands_give_feedback_and_never_reach_the_model(default_llm, monkeypatch,
+                                                                      capsys):
+    import io
+
+    from metroline import cli
+
+    prompts = []
+    real_stream = cli._stream
+
+    def spy(llm, ids, params, out=sys.stdout):
+        prompts.append((llm.tokenizer.decode(ids, skip_special_tokens=False), params))
+        return real_stream(llm, ids, params, out)
+
+    monkeypatch.setattr(cli, "_make_llm", lambda args, command: default_llm)
+    monkeypatch.setattr(cli, "_stream", spy)
+    script = ("/help\n/nonsense\n/params max_tokens=3 temperature=0\n/params top_p=7\n"
+              "/params bogus\n/system You are a pirate.\nHello\n/reset\n/system\nHi\n/exit\n"
+              "never sent\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert cli.main(["chat", "--max-tokens", "12"]) == 0
+    err = capsys.readouterr().err
+    assert "/params [K=V ...]" in err  # /help
+    assert "unknown command /nonsense: try /help" in err
+    assert "max_tokens=3" in err and "top_p must be in (0, 1]" in err
+    assert "cannot set 'bogus'" in err
+    assert "system prompt set: 'You are a pirate.'" in err
+    assert "[conversation cleared]" in err and "system prompt removed" in err
+    assert len(prompts) == 2  # only "Hello" and "Hi": no slash command, nothing after /exit
+    assert "You are a pirate." in prompts[0][0] and prompts[0][1].max_tokens == 3
+    assert "pirate" not in prompts[1][0] and "Hello" not in prompts[1][0]
+    assert "/nonsense" not in prompts[0][0] + prompts[1][0]
+
+
+def test_chat_in_a_pseudo_terminal_edits_lines(tmp_path):
+    """Through a real pty: arrow keys edit the line (readline) instead of reaching the model."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the chat REPL on the terminal
+        os.environ["HOME"] = str(tmp_path)
+        os.execv(sys.executable, CLI + ["chat", "--max-tokens", "4"])
+    out = b""
+
+    def read_until(token: bytes, timeout: float = 120) -> bytes:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while token not in out and time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        return out
+
+    try:
+        assert b"/help lists the commands" in read_until(b"/help lists the commands")
+        os.write(fd, b"/hlp\x1b[D\x1b[De\r")  # "/hlp", two left arrows, "e": "/help"
+        read_until(b"/exit, /quit")
+        assert b"/exit, /quit" in out and b"unknown command" not in out
+        os.write(fd, b"\x1b[A\r")  # up arrow: the history brings back /help
+        out = out.split(b"/exit, /quit")[-1]
+        assert b"/exit, /quit" in read_until(b"/exit, /quit", 30)
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -79,3 +79,48 @@ def test_api_key_from_env(monkeypatch):
     assert api_key_from_env("explicit") == "explicit"
     monkeypatch.delenv("METROLINE_API_KEY")
     assert api_key_from_env(None) is None
+
+
+def test_metrics_token_lets_a_scraper_in_without_the_api_key(aux_server):
+    srv = aux_server(api_key=KEY, metrics_token="scrape-token")
+    with srv.http() as http:
+        assert http.get("/metrics").status_code == 401
+        ok = http.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
+        assert ok.status_code == 200 and "metroline_num_requests_running" in ok.text
+        assert http.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        # The scraper's token opens /metrics only.
+        r = http.get("/v1/models", headers={"Authorization": "Bearer scrape-token"})
+        assert r.status_code == 401
+
+
+def test_public_metrics_and_token_without_api_key(aux_server):
+    srv = aux_server(api_key=KEY, public_metrics=True)
+    with srv.http() as http:
+        assert http.get("/metrics").status_code == 200
+        assert http.get("/v1/models").status_code == 401
+    srv = aux_server(metrics_token="only-metrics")  # no API key: only /metrics is guarded
+    with srv.http() as http:
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics",
+                        headers={"Authorization": "Bearer only-metrics"}).status_code == 200
+        assert http.get("/v1/models").status_code == 200
+
+
+def test_ready_is_cached_and_not_counted(aux_server):
+    srv = aux_server(ready_cache_s=60.0)
+    engine = srv.app.state.metroline.engine
+    with srv.http() as http:
+        assert http.get("/ready").status_code == 200
+        before = engine.get_stats()
+        for _ in range(5):
+            assert http.get("/ready").status_code == 200
+        after = engine.get_stats()
+    assert after.steps == before.steps  # answered from the cache
+    srv = aux_server(ready_cache_s=0.0)
+    with srv.http() as http:
+        before = engine.get_stats()
+        assert http.get("/ready").status_code == 200
+        after = engine.get_stats()
+    # It generated, but the probe's tokens and steps are not the users'.
+    assert (after.generation_tokens, after.prompt_tokens, after.steps) == (
+        before.generation_tokens, before.prompt_tokens, before.steps)

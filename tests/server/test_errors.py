@@ -132,9 +132,10 @@ def test_malformed_bodies(server):
         assert r.status_code == 400 and error_of(r)["code"] == "invalid_unicode"
         r = http.post("/v1/chat/completions", json={"model": MODEL})  # no messages
         err = error_of(r)
-        assert r.status_code == 422 and err["param"] == "messages" and err["code"] == "missing"
+        assert r.status_code == 400 and err["param"] == "messages" and err["code"] == "missing"
+        assert err["type"] == "invalid_request_error"
         r = http.post("/v1/completions", json={"prompt": "x", "temperature": "hot"})
-        assert r.status_code == 422 and error_of(r)["param"] == "temperature"
+        assert r.status_code == 400 and error_of(r)["param"] == "temperature"
         r = http.post("/v1/completions", json={"prompt": "", "max_tokens": 2})
         assert r.status_code == 400 and error_of(r)["param"] == "prompt"
         r = http.post("/v1/completions", json={"prompt": [], "max_tokens": 2})
@@ -147,8 +148,8 @@ def test_malformed_bodies(server):
         assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
 
 
-def test_unprocessable_entity_via_client(client):
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+def test_wrong_type_is_a_bad_request_via_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
                                   extra_body={"n": "many"})
     assert e.value.param == "n"
