@@ -78,6 +78,25 @@ def test_chat_bad_params(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**args)
     assert e.value.param == param, e.value.body
+    # The message names the parameter the client sent, not the engine's name for it.
+    if param in ("top_logprobs", "max_completion_tokens"):
+        assert param in e.value.message, e.value.message
+
+
+def test_chat_context_errors_name_the_clients_parameters(client, tok):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=9000)
+    assert e.value.param == "max_completion_tokens" and "max_completion_tokens" in e.value.message
+    long = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=2)
+    assert e.value.param == "messages" and e.value.code == "context_length_exceeded"
+
+
+def test_unknown_fields_are_ignored(client):
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
+                                         extra_body={"some_provider_extra": {"x": 1}})
+    assert out.usage.completion_tokens == 2
 
 
 def test_text_content_parts_are_joined(client):
