@@ -15,9 +15,9 @@
 //   MT_MAX: activation rows per register tile; RV_FULL_UPTO: up to that tile height a tile
 //   covers all G rows of a group (G/R vectors), above it one vector of rows at a time.
 
-template <class V, int FMT, int RV, int MT>
 // Not inlined: one tile is a whole pass over a group's K (thousands of cycles), and separate
 // functions keep register allocation per tile shape honest and the asm readable.
+template <class V, int FMT, int RV, int MT>
 __attribute__((noinline)) static void qmm_tile(const QArgs& a, int64_t g, int v0, int64_t m0) {
   constexpr int R = V::R, NC = FMT == Q8_0 ? 8 : 4, REC = rec_bytes(FMT), QO = rec_qoff(FMT);
   constexpr int OFF = FMT == Q4_0 ? 8 : FMT == Q8_0 ? V::Q8_OFF : 0;
