@@ -40,8 +40,7 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="serving benchmark, comparisons, roofline and cost")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
-    s = bsub.add_parser("serve", help="load-test an OpenAI-compatible server (streaming)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = bsub.add_parser("serve", help="load-test an OpenAI-compatible server (streaming)")
     g = s.add_argument_group("server")
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (or .../v1)")
     g.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
@@ -50,7 +49,7 @@ def add_bench_parser(sub) -> None:
                    help="auto: completions for random, chat otherwise")
     g.add_argument("--label", default=None, help="name of this server in results (default: host:port)")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every call")
     g.add_argument("--no-ignore-eos", action="store_true",
                    help="do not send ignore_eos/min_tokens (outputs may end early at EOS)")
     g.add_argument("--no-usage", action="store_true",
@@ -60,25 +59,27 @@ def add_bench_parser(sub) -> None:
                    help="metroline: send each program's calls as one session_id with "
                         "kv_retention_s=S, so its KV stays pinned between calls")
     d = s.add_argument_group("workload")
-    d.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "random", "multiturn", "agent"])
+    d.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "random", "multiturn", "agent"],
+                   help="ShareGPT first turns, random tokens, whole ShareGPT conversations, or agent programs")
     d.add_argument("--num-prompts", type=int, default=64, help="programs: prompts, conversations or agents")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the workload's sampling and arrivals")
     d.add_argument("--tokenizer", default=None,
                    help="tokenizer for dataset lengths: .gguf or HF folder (default: the default model)")
     d.add_argument("--max-output-len", type=int, default=128, help="cap on real reply lengths (sharegpt, multiturn)")
     d.add_argument("--max-input-len", type=int, default=1024, help="longest ShareGPT prompt used")
-    d.add_argument("--random-input-len", type=int, default=128)
-    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-input-len", type=int, default=128, help="random: prompt tokens")
+    d.add_argument("--random-output-len", type=int, default=128, help="random: output tokens")
     d.add_argument("--max-turns", type=int, default=8, help="multiturn: turns per conversation")
     d.add_argument("--min-turns", type=int, default=2, help="multiturn: shortest conversation used")
     d.add_argument("--max-user-len", type=int, default=256, help="multiturn: cap on a user turn's tokens")
     d.add_argument("--think-time", type=float, default=0.0, help="multiturn: seconds between turns")
-    d.add_argument("--agent-calls", type=int, default=8)
-    d.add_argument("--agent-output-len", type=int, default=32)
-    d.add_argument("--agent-tool-output-len", type=int, default=64)
+    d.add_argument("--agent-calls", type=int, default=8, help="agent: model calls per program")
+    d.add_argument("--agent-output-len", type=int, default=32, help="agent: output tokens per call")
+    d.add_argument("--agent-tool-output-len", type=int, default=64,
+                   help="agent: tokens a tool result adds to the history")
     d.add_argument("--agent-tool-pause", type=float, default=0.5, help="mean seconds a tool runs")
-    d.add_argument("--agent-system-len", type=int, default=256)
-    d.add_argument("--agent-task-len", type=int, default=128)
+    d.add_argument("--agent-system-len", type=int, default=256, help="agent: system prompt tokens")
+    d.add_argument("--agent-task-len", type=int, default=128, help="agent: task tokens")
     a = s.add_argument_group("load")
     a.add_argument("--max-concurrency", type=_csv(_concurrency), default=[None],
                    help="programs active at once; a list sweeps, e.g. 1,4,16,64 (inf: no bound)")
@@ -93,10 +94,10 @@ def add_bench_parser(sub) -> None:
                    help="SLOs in ms for goodput: ttft, tpot, itl (largest gap), e2e; e.g. ttft:500 tpot:100")
     r.add_argument("--price-per-hour", type=float, default=None, help="machine price ($/h) -> $ per M tokens")
     r.add_argument("--output", default=None, help="result JSON (default: bench-serve-LABEL-DATASET.json)")
-    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--no-plots", action="store_true", help="write the JSON only")
     r.add_argument("--no-save-chunks", action="store_true",
                    help="leave per-chunk arrival times out of the JSON (and ITL out of the CDF plot)")
-    r.add_argument("--disable-tqdm", action="store_true")
+    r.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     s.set_defaults(func=deps.guard("serve", cmd_serve))
 
     c = bsub.add_parser("compare", help="runs side by side: table, ratios and a plot")
@@ -106,8 +107,7 @@ def add_bench_parser(sub) -> None:
     c.add_argument("--no-plots", action="store_true", help="print (and --json) only")
     c.set_defaults(func=deps.guard("compare", cmd_compare))
 
-    f = bsub.add_parser("roofline", help="bandwidth, matmul throughput, decode ceilings, achieved fraction, cost",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f = bsub.add_parser("roofline", help="bandwidth, matmul throughput, decode ceilings, achieved fraction, cost")
     f.add_argument("--model", default=None, help=".gguf file or HF folder (default: the default model)")
     f.add_argument("--weight-format", type=_csv(str), default=None,
                    help="comma list of formats: file (what a GGUF stores), fp32, bf16, int8, int4, "
@@ -121,7 +121,7 @@ def add_bench_parser(sub) -> None:
     f.add_argument("--price-per-hour", type=float, default=None, help="machine price ($/h) -> $ per M tokens")
     f.add_argument("--bandwidth-gbs", type=float, default=None, help="skip measuring: use this GB/s")
     f.add_argument("--flops-gflops", type=float, default=None, help="skip measuring: use this GFLOP/s")
-    f.add_argument("--device", default="cpu")
+    f.add_argument("--device", default="cpu", help="torch device whose bandwidth and matmul peak are measured")
     f.add_argument("--output", default=None, help="write everything as JSON here, and the plot "
                    "next to it (OUTPUT without .json + .png)")
     f.add_argument("--no-plots", action="store_true", help="with --output: the JSON only")
