@@ -23,8 +23,12 @@ SOURCES = [
 ]
 # No -march: each ISA's code is compiled for its target by a pragma in its own file, and
 # picked at run time, so one build runs on any x86-64. -ffp-contract=off keeps dequant
-# bit-identical to gguf's (no fused d*q+m).
-CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
+# bit-identical to gguf's (no fused d*q+m). -fopenmp is required: this torch's at::parallel_for
+# is an inline OpenMP region in the headers and runs serially without it; the library then
+# needs libgomp.so.1, which resolves to the one torch already loaded (same soname), so the
+# kernels share torch's thread pool and torch.set_num_threads governs them.
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
+LINK_FLAGS = ["-fopenmp"]
 HINT = "To fix: install a C++17 compiler (g++ >= 9) and run `pip install --no-build-isolation -e .`"
 HERE = os.path.dirname(os.path.abspath(__file__))
 # pip hides a successful build's output; scripts/setup.sh prints this file when _C is missing.
@@ -82,6 +86,7 @@ def extension_setup() -> dict:
         SOURCES,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=LINK_FLAGS,
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}
 
