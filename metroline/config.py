@@ -68,6 +68,7 @@ class SchedulerConfig:
 class ModelConfig:
     model: str | None = None  # path to .gguf / HF folder / hub id; None: the default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    weights: str = "auto"  # auto | packed | fp32 | bf16 | fp16 (resolved by platform.resolve_weights)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     seed: int = 0
@@ -75,6 +76,8 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
+        _require(self.weights in ("auto", "packed", "fp32", "bf16", "fp16"),
+                 f"unsupported weight format {self.weights!r}", "weights")
 
 
 @dataclass(frozen=True)

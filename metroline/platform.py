@@ -69,3 +69,22 @@ def physical_cores() -> int:
 def resolve_threads(threads: int | None) -> int:
     """Intra-op threads for the kernels: the physical cores by default."""
     return threads if threads else physical_cores()
+
+
+WEIGHT_CHOICES = ("auto", "packed", "fp32", "bf16", "fp16")
+
+
+def resolve_weights(weights: str, device: torch.device, source_kind: str,
+                    kernels_available: bool) -> str:
+    """How weights are held: 'packed' (GGUF Q8_0/Q4_0/Q4_1 kept as stored and computed on by
+    the C++ kernels), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto: packed for a GGUF on
+    the CPU when the kernels are built; bf16 on CUDA until a GPU kernel exists; else fp32."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_CHOICES)})")
+    if weights != "auto":
+        return weights
+    if device.type == "cuda":
+        return "bf16"
+    if source_kind == "gguf" and device.type == "cpu" and kernels_available:
+        return "packed"
+    return "fp32"

@@ -1,6 +1,8 @@
 """Session fixtures shared by every test folder: the default model, loaded once.
 
-* `default_loaded`   metroline's LoadedModel of the default GGUF (SmolLM2-135M-Instruct, Q4_1).
+* `default_loaded`   metroline's LoadedModel of the default GGUF (SmolLM2-135M-Instruct, Q4_1),
+                     as the engine runs it by default (packed weights when the kernels are built).
+* `default_loaded_fp32` the same model dequantized to fp32 (tight comparisons with transformers).
 * `default_llm`      an offline `LLM` over that same LoadedModel (small KV cache: 512 blocks).
 * `hf_default_model` transformers' model of the same GGUF (dequantized to fp32): the reference.
   Loading it takes ~25 s, so it is created lazily, only when a test asks for it.
@@ -52,6 +54,22 @@ def default_loaded():
     from metroline.model.loader import load_model
 
     return load_model(None, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_loaded_fp32():
+    """The default model dequantized to fp32 (the reference the packed path is held against,
+    and what is compared with transformers at tight tolerances)."""
+    from metroline.model.loader import load_model
+
+    return load_model(None, show_progress=False, weights="fp32")
+
+
+@pytest.fixture(scope="session")
+def default_llm_fp32(default_loaded_fp32):
+    from metroline.engine.llm import LLM
+
+    return LLM(loaded=default_loaded_fp32, num_blocks=512, show_progress=False)
 
 
 @pytest.fixture(scope="session")

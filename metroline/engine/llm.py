@@ -33,6 +33,7 @@ def accumulate(final: RequestOutput | None, delta: RequestOutput) -> RequestOutp
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 weights: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
                  host_kv_cache_memory: int | None = None,
@@ -41,9 +42,9 @@ class LLM:
                  loaded=None):
         from metroline.model.loader import load_model
 
-        self.model_config = ModelConfig(model=model, dtype=dtype, device=device,
+        self.model_config = ModelConfig(model=model, dtype=dtype, device=device, weights=weights,
                                         max_model_len=max_model_len, seed=seed)
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device,
+        self.loaded = loaded or load_model(model, dtype=dtype, device=device, weights=weights,
                                            max_model_len=max_model_len, show_progress=show_progress)
         self.tokenizer = self.loaded.tokenizer
         self.engine = EngineCore(

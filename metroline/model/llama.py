@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metroline.attention.backend import AttentionBackend, AttentionMetadata
+from metroline.quant.packed import PackedEmbedding, PackedLinear, RawWeight
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model.rotary_emb.max_positions
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output projection (again after `to_empty`, which unties)."""
-        if self.config.tie_word_embeddings:
+        """Share the embedding with the output projection (again after `to_empty`, which unties).
+        Packed layers share the stored bytes instead (see load_weights)."""
+        if (self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear)
+                and isinstance(self.model.embed_tokens, nn.Embedding)):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
@@ -248,6 +251,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
+            if isinstance(tensor, RawWeight):  # stored bytes for a packed layer
+                loaded |= self._load_raw(name, tensor)
+                continue
             if name == "rope_freqs":
                 self.model.rotary_emb.set_rope_freqs(tensor)
                 continue
@@ -272,11 +278,35 @@ class LlamaForCausalLM(nn.Module):
                 loaded.add(name)
         return loaded
 
+    def _load_raw(self, name: str, raw: RawWeight) -> set[str]:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return set()
+        for frag, (fused, shard) in _FUSED.items():
+            if frag in name:
+                mod_name = name.replace(frag, fused).rsplit(".", 1)[0]
+                self.get_submodule(mod_name).load_raw(shard, raw)
+                return {f"{mod_name}.weight:{shard}"}
+        mod_name = name.rsplit(".", 1)[0]
+        module = self.get_submodule(mod_name)
+        if not hasattr(module, "load_raw"):
+            raise ValueError(f"weight {name}: stored bytes given to a layer that is not packed")
+        module.load_raw(None, raw)
+        if (mod_name == "model.embed_tokens" and self.config.tie_word_embeddings
+                and isinstance(self.lm_head, PackedLinear)):
+            self.lm_head.load_raw(None, raw)  # the output layer computes on the same bytes
+        return {name}
+
     def expected_weights(self) -> set[str]:
         names = set()
+        packed = {n: m for n, m in self.named_modules() if isinstance(m, (PackedLinear, PackedEmbedding))}
+        for name, m in packed.items():
+            if not (name == "lm_head" and self.config.tie_word_embeddings):
+                names |= m.expected_names(name)
         for name, _ in self.named_parameters():
             mod_name, pname = name.rsplit(".", 1)
             mod = self.get_submodule(mod_name)
+            if mod_name in packed:
+                continue
             if isinstance(mod, MergedLinear):
                 names.update(f"{name}:{s}" for s in mod.shard_offsets)
             else:

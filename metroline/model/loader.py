@@ -20,8 +20,9 @@ import torch
 from metroline.errors import ModelLoadError
 from metroline.model.default import DEFAULT_MODEL_NAME, default_model_path
 from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
-from metroline.model.llama import LlamaConfig, LlamaForCausalLM
-from metroline.platform import resolve_device, resolve_dtype
+from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
+from metroline.platform import resolve_device, resolve_dtype, resolve_weights
+from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, swap_in_packed_layers
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
 SUPPORTED_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -158,9 +159,25 @@ def dequantize_gguf_tensor(tensor) -> np.ndarray:
     return out.reshape(shape).astype(np.float32, copy=False)
 
 
-def iter_gguf_weights(reader, config: LlamaConfig, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader, config: LlamaConfig, progress=None,
+                      raw_names: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) per GGUF tensor; tensors named in `raw_names` (by their layer's
+    name, see _fused_name) come as RawWeight, their stored rows, for packed layers."""
     for t in reader.tensors:
         name = gguf_name_to_hf(t.name)
+        if _fused_name(name) in raw_names:
+            rows = int(t.shape[1])
+            data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)
+            if config.architecture in ("llama", "mistral"):
+                if name.endswith("q_proj.weight"):
+                    data = _reverse_llama_permute(data, config.num_attention_heads)
+                elif name.endswith("k_proj.weight"):
+                    data = _reverse_llama_permute(data, config.num_key_value_heads)
+            if progress is not None:
+                progress.update(1)
+            yield name, RawWeight(torch.from_numpy(np.array(data, copy=True)), int(t.tensor_type),
+                                  (rows, int(t.shape[0])))
+            continue
         w = dequantize_gguf_tensor(t)
         if config.architecture in ("llama", "mistral"):  # the converter permutes q/k biases too
             if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -275,6 +292,8 @@ class LoadedModel:
     source: ModelSource
     weight_format: str  # what the file stores, e.g. "Q4_1", "bf16"
     file_bytes: int
+    weights: str = "fp32"  # how they are held: "packed (...)", "fp32", "bf16"
+    weight_bytes: int = 0  # bytes of weights a decode step reads (all but the embedding)
 
 
 def load_tokenizer_from_gguf(path: str | os.PathLike):
@@ -285,12 +304,22 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
-               max_model_len: int | None = None, show_progress: bool = True) -> LoadedModel:
+               max_model_len: int | None = None, show_progress: bool = True,
+               weights: str = "auto") -> LoadedModel:
     from metroline.tokenizer import Tokenizer
+
+    from metroline import kernels
 
     source = resolve_model_source(model)
     dev = resolve_device(device)
+    try:
+        held = resolve_weights(weights, dev, source.kind, kernels.available())
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if held in ("bf16", "fp16") and dtype == "auto":
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
+    stored: dict[str, int] = {}  # weight name (fused: "<module>.weight:<shard>") -> GGUF type
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         meta = read_gguf_metadata(reader)
@@ -307,7 +336,11 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         ftypes = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
         weight_format = "+".join(sorted(ftypes))
         total = len(reader.tensors)
-        weights = lambda bar: iter_gguf_weights(reader, config, bar)  # noqa: E731
+        if held == "packed":
+            stored = {_fused_name(gguf_name_to_hf(t.name)): int(t.tensor_type)
+                      for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
+        raw_names = {n for n, ty in stored.items() if ty in PACKABLE}
+        weights = lambda bar: iter_gguf_weights(reader, config, bar, raw_names)  # noqa: E731
         file_bytes = os.path.getsize(source.path)
     else:
         cfg_path = os.path.join(source.path, "config.json")
@@ -329,6 +362,11 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         max_len = min(max_len, config.extra["sliding_window"])
     with torch.device("meta"):
         net = LlamaForCausalLM(config, max_positions=max_len)
+    if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
+        swapped = swap_in_packed_layers(
+            net, stored, "model.embed_tokens" if config.tie_word_embeddings else None, "lm_head")
+        if not swapped:
+            held = "fp32"
     net = net.to_empty(device=dev).to(torch_dtype)
     net.tie_weights()
     # Buffers computed at construction (rotary tables) were lost to the meta device.
@@ -336,7 +374,9 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     net.model.rotary_emb._build(max_len)
     with _progress(total, f"loading {source.name}", show_progress) as bar:
         # rope_freqs (scaled RoPE factors) stay fp32: they divide the fp32 inverse frequencies.
-        tensors = ((n, t.to(dev, torch.float32 if n == "rope_freqs" else torch_dtype)) for n, t in weights(bar))
+        tensors = ((n, t if isinstance(t, RawWeight) else
+                    t.to(dev, torch.float32 if n == "rope_freqs" else torch_dtype))
+                   for n, t in weights(bar))
         try:
             loaded = net.load_weights(tensors)
         except (KeyError, ValueError) as e:  # unexpected name or wrong shape
@@ -345,7 +385,40 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
     net.eval().requires_grad_(False)
-    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes)
+    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
+                       _describe_weights(net, held), _decode_weight_bytes(net))
+
+
+def _fused_name(hf_name: str) -> str:
+    """A checkpoint weight's name as the model's layer sees it: fused layers by shard."""
+    for frag, (fused, shard) in _FUSED.items():
+        if frag in hf_name:
+            return f"{hf_name.replace(frag, fused)}:{shard}"
+    return hf_name
+
+
+def _describe_weights(net, held: str) -> str:
+    packed = [m for m in net.modules() if isinstance(m, PackedLinear)]
+    if held != "packed" or not packed:
+        return held if held != "packed" else "fp32"
+    from metroline import kernels
+
+    fmts = sorted({kernels.Fmt(m.fmt).name for m in packed})
+    others = sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear))
+    path = kernels.cpu_isa() if kernels.available() else "torch fallback"
+    return (f"packed {'+'.join(fmts)} ({len(packed)} layers on {path} kernels"
+            + (f", {others} dequantized" if others else "") + ")")
+
+
+def _decode_weight_bytes(net) -> int:
+    """Bytes of weights read per decode step: every matmul's (embedding lookups read a row)."""
+    total = 0
+    for m in net.modules():
+        if isinstance(m, PackedLinear):
+            total += m.num_bytes
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def _check_rope(config: LlamaConfig) -> None:

@@ -157,8 +157,9 @@ def default_prompts(default_loaded) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def default_logits(default_loaded, hf_default_model, default_prompts):
+def default_logits(default_loaded_fp32, hf_default_model, default_prompts):
     """(ours, transformers') whole-prompt logits per prompt, computed once (300 tokens take seconds)."""
+    default_loaded = default_loaded_fp32
     require_fp32(default_loaded)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -177,23 +178,26 @@ def test_default_model_logits_match_transformers(default_logits, default_prompts
     assert_logits_close(ours, ref, 1e-3, f"default model, {name} ({len(default_prompts[name])} tokens)")
 
 
-def test_default_model_chunked_prefill_and_decode_match(default_loaded, default_logits, default_prompts):
+def test_default_model_chunked_prefill_and_decode_match(default_loaded_fp32, default_logits,
+                                                       default_prompts):
     """Three prefill chunks over cached context, then three decode steps: every position's logits
     equal transformers' one-shot logits, and the last equals metroline's own one-shot last."""
     ids = default_prompts["300 tokens"]
     whole, ref = default_logits("300 tokens")
-    chunked = paged_logits(default_loaded, ids, chunks=[100, 117, 80, 1, 1, 1], block_size=16, seed=1)
+    chunked = paged_logits(default_loaded_fp32, ids, chunks=[100, 117, 80, 1, 1, 1], block_size=16,
+                           seed=1)
     assert_logits_close(chunked, ref, 1e-3, "default model, chunked")
     torch.testing.assert_close(chunked[-1], whole[-1], rtol=0, atol=1e-4)
 
 
-def test_default_model_greedy_matches_transformers(default_llm, hf_default_model, default_prompts):
+def test_default_model_greedy_matches_transformers(default_llm_fp32, hf_default_model, default_prompts):
     """32 greedy tokens for three prompts, scheduled together (batched decode steps).
 
     transformers' generate(min_new_tokens=32) bans eos until 32 tokens; its twin here is
     min_tokens=32. With ignore_eos=True the model may emit eos and go on, which no generate call
     reproduces: that run is checked token by token against transformers' argmax over the prompt
     plus our continuation (teacher forcing). Both runs share one batch of six requests."""
+    default_llm = default_llm_fp32
     require_fp32(default_llm.loaded)
     tok = default_llm.tokenizer
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n"),
@@ -534,7 +538,8 @@ def test_tiny_gguf_quant_types(qtype, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer[1]
     path = tmp_path / f"tiny-{qtype}.gguf"
     expected = write_tiny_gguf(path, tok, qt, seed=GGUF_TYPES.index(qtype))
-    loaded = load_model(str(path), dtype="float32", device="cpu", show_progress=False)
+    loaded = load_model(str(path), dtype="float32", device="cpu", show_progress=False,
+                        weights="fp32")
     assert loaded.source.kind == "gguf" and loaded.weight_format == qtype
     assert loaded.config.head_dim == 64 and not loaded.config.tie_word_embeddings
     assert loaded.tokenizer.encode("hello world") == tok.encode("hello world").ids
@@ -555,7 +560,8 @@ def test_tiny_gguf_variants(variant, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer[1]
     path = tmp_path / f"{variant}.gguf"
     expected = write_tiny_gguf(path, tok, Q[qtype], arch=arch, tied=tied, bias=bias, head_dim=head_dim, seed=7)
-    loaded = load_model(str(path), dtype="float32", device="cpu", show_progress=False)
+    loaded = load_model(str(path), dtype="float32", device="cpu", show_progress=False,
+                        weights="fp32")
     c = loaded.config
     assert (c.architecture, c.tie_word_embeddings, c.head_dim) == (arch, tied, head_dim)
     check_gguf(loaded, expected, reference_model(expected, arch, tied, head_dim, bias), tok, f"GGUF {variant}")
@@ -578,7 +584,8 @@ def test_tiny_gguf_reads_the_same_in_transformers(tiny_tokenizer, tmp_path):
 
 def assert_load_error(path, *fragments: str) -> str:
     with pytest.raises(ModelLoadError) as info:
-        load_model(str(path), dtype="float32", device="cpu", show_progress=False)
+        load_model(str(path), dtype="float32", device="cpu", show_progress=False,
+                        weights="fp32")
     msg = str(info.value)
     assert "\n" not in msg and msg.strip() == msg and msg, repr(msg)
     for frag in fragments:
