@@ -52,10 +52,14 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[SampleResult]:
         B, V = logits.shape
-        # Work on a float32 copy: the caller's tensor is never modified.
-        logits = logits.to(torch.float32, copy=True)
         params = [r.sampling_params for r in reqs]
         errors: dict[int, str] = {}
+        if not any(_edits_logits(r, sp) for r, sp in zip(reqs, params)):
+            # The common case (no processor, bias, penalty or min_tokens mask): nothing edits
+            # the rows, so no copy of the [B, vocab] logits and no per-request loop.
+            return self._draw(logits.float(), reqs, params, errors)
+        # Work on a float32 copy: the caller's tensor is never modified.
+        logits = logits.to(torch.float32, copy=True)
         for i, (r, sp) in enumerate(zip(reqs, params)):
             try:
                 for proc in r.logits_processors:
@@ -74,6 +78,10 @@ class Sampler:
                 if banned:
                     logits[i, list(banned)] = float("-inf")
 
+        return self._draw(logits, reqs, params, errors)
+
+    def _draw(self, logits: torch.Tensor, reqs, params, errors: dict[int, str]) -> list[SampleResult]:
+        """Logprobs, then the greedy / sampled token of every row (one host transfer)."""
         want_lp = [sp.logprobs is not None for sp in params]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
@@ -154,3 +162,10 @@ class Sampler:
             thresh = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < thresh, float("-inf"))
         return logits
+
+
+def _edits_logits(r: Request, sp) -> bool:
+    return bool(r.logits_processors or sp.logit_bias or sp.repetition_penalty != 1.0
+                or sp.presence_penalty or sp.frequency_penalty
+                or (r.num_output_tokens < sp.min_tokens
+                    and (sp.stop_token_ids or (not sp.ignore_eos and r.eos_token_ids))))
