@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -150,7 +151,9 @@ def packed_nbytes(fmt, N: int, K: int) -> int:
 
 def _as_raw(raw) -> torch.Tensor:
     if isinstance(raw, np.ndarray):
-        raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+        with warnings.catch_warnings():  # GGUFReader's memmaps are read-only; repack only reads
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
     if raw.dtype != torch.uint8 or raw.dim() != 2:
         raise ValueError(f"raw GGUF rows must be a uint8 [N, row_bytes] array, got {raw.dtype} {tuple(raw.shape)}")
     return raw

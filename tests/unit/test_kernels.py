@@ -52,12 +52,33 @@ def _isa_or_skip(isa: str):
 
 @functools.lru_cache(maxsize=None)
 def weights(fmt: K.Fmt, N: int, Kd: int):
-    """(raw GGUF rows, packed, fp32 dequantized reference) for a seeded random weight."""
+    """(raw GGUF rows, packed, fp32 dequantized reference) for a seeded random weight.
+
+    Small shapes: gguf.quants.quantize of Gaussian weights, reference gguf's dequantize. The
+    49152-row matrix: random blocks straight away (numpy's quantizer takes seconds there;
+    random int8 also hits -128, which gguf's quantizer never writes), reference the torch
+    twin (bit-exact with gguf's, checked on all other shapes and on slices of this one).
+    """
     rng = np.random.default_rng(N * 7919 + Kd * 31 + int(fmt))
-    w = (rng.standard_normal((N, Kd)) * 0.05).astype(np.float32)
-    raw = quantize(w, GT(int(fmt)))
-    ref = torch.from_numpy(dequantize(raw, GT(int(fmt))).reshape(N, Kd).astype(np.float32))
-    return torch.from_numpy(raw), K.repack(raw, fmt), ref
+    if N * Kd <= 1 << 22:
+        w = (rng.standard_normal((N, Kd)) * 0.05).astype(np.float32)
+        raw = quantize(w, GT(int(fmt)))
+        ref = torch.from_numpy(dequantize(raw, GT(int(fmt))).reshape(N, Kd).astype(np.float32))
+        return torch.from_numpy(raw), K.repack(raw, fmt), ref
+    nb, rb = Kd // 32, {K.Q8_0: 34, K.Q4_0: 18, K.Q4_1: 20}[fmt]
+    blocks = rng.integers(0, 256, size=(N, nb, rb), dtype=np.uint8)
+    nscale = 2 if fmt == K.Q4_1 else 1
+    scales = (rng.standard_normal((N, nb, nscale)) * 0.004).astype(np.float16)
+    blocks[..., : 2 * nscale] = scales.view(np.uint8)
+    raw = torch.from_numpy(blocks.reshape(N, nb * rb))
+    packed = K.repack(raw, fmt)
+    return raw, packed, K.dequant_torch(packed, fmt, N, Kd)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_cached_weights():
+    yield
+    weights.cache_clear()  # the 49152x576 references are ~0.4 GB; give them back after this file
 
 
 def activations(M: int, Kd: int, seed: int = 0, outliers: bool = False) -> torch.Tensor:
@@ -100,12 +121,48 @@ def check_against_references(y, x, wref, gaussian: bool = True, w64=None):
 def test_repack_roundtrip_bit_exact(fmt, shape):
     raw, packed, ref = weights(fmt, *shape)
     N, Kd = shape
+    if shape == BIG:  # ref is the torch twin here: tie it to gguf on slices of rows
+        for rows in (slice(0, 256), slice(N - 256, N)):
+            gg = dequantize(raw[rows].numpy(), GT(int(fmt))).reshape(-1, Kd).astype(np.float32)
+            assert torch.equal(ref[rows], torch.from_numpy(gg))
     assert packed.dtype == torch.uint8 and packed.numel() == K.packed_nbytes(fmt, N, Kd)
     assert torch.equal(K.repack_torch(raw, fmt), packed)
     assert torch.equal(K.unpack(packed, fmt, N, Kd), raw)
     assert torch.equal(K.unpack_torch(packed, fmt, N, Kd), raw)
     assert torch.equal(K.dequant(packed, fmt, N, Kd), ref)
     assert torch.equal(K.dequant_torch(packed, fmt, N, Kd), ref)
+
+
+def test_default_model_tensors_roundtrip():
+    """Real weights: every Q4_1 / Q8_0 matrix of the default GGUF, straight from GGUFReader's
+    read-only memmap, survives repack bit-exact; two of them also through qmatmul."""
+    from gguf import GGUFReader
+
+    from metroline.errors import ModelLoadError
+    from metroline.model.default import default_model_path
+
+    try:
+        path = default_model_path()
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    seen, n = set(), 0
+    for t in GGUFReader(path).tensors:
+        if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
+            continue
+        fmt, (Kd, N) = K.Fmt[t.tensor_type.name], (int(t.shape[0]), int(t.shape[1]))
+        raw = np.asarray(t.data).reshape(N, -1)
+        packed = K.repack(raw, fmt)
+        assert np.array_equal(K.unpack(packed, fmt, N, Kd).numpy(), raw), t.name
+        n += 1
+        if (fmt, N, Kd) in seen:  # numpy's dequantize is the slow part: once per kind
+            continue
+        seen.add((fmt, N, Kd))
+        ref = torch.from_numpy(dequantize(raw, t.tensor_type).reshape(N, Kd).astype(np.float32))
+        assert torch.equal(K.dequant(packed, fmt, N, Kd), ref), t.name
+        if K.available():
+            x = activations(3, Kd)
+            check_against_references(K.qmatmul(x, packed, fmt, N, Kd), x, ref)
+    assert n >= 200 and {f for f, _, _ in seen} >= {K.Q4_1, K.Q8_0}
 
 
 def test_repack_accepts_numpy_and_gguf_types():
