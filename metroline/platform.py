@@ -23,9 +23,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """'auto': the best backend registered for the device (today the torch one everywhere; a
-    CUDA backend registers in attention/ when present)."""
-    return "torch" if name == "auto" else name
+    """'auto': on a CPU with metroline's C++ kernels built, "cpu" (fused RoPE + fp16 K/V write,
+    paged attention straight from the blocks); else "torch", which runs anywhere (a CUDA
+    backend registers in attention/ when present)."""
+    if name != "auto":
+        return name
+    if device.type == "cpu":
+        from metroline.kernels import fused
+
+        if fused.available("paged_attention_decode") and fused.available("rope_kv_write"):
+            return "cpu"
+    return "torch"
 
 
 def resolve_kv_cache_memory_fraction(fraction: float | None, device: torch.device) -> float:

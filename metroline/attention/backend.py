@@ -64,9 +64,14 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
-    """Interface every attention backend implements. Chosen once, at start-up, by name."""
+    """Interface every attention backend implements. Chosen once, at start-up, by name.
+
+    A backend with `fuses_rope` receives q and k before RoPE, with the model's whole cos/sin
+    tables (`rope`), and applies it itself (fused with the K/V write)."""
 
     name = "abstract"
+    fuses_rope = False
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
 
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
                           num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -217,7 +222,72 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
-_BACKENDS = {"torch": TorchAttentionBackend}
+@dataclass
+class PagedMetadata:
+    """One step's layout for CpuPagedAttentionBackend: every sequence in one kernel call."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: tokens in the cache after this step's writes
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    block_size: int = 16
+
+
+class CpuPagedAttentionBackend(AttentionBackend):
+    """metroline's C++ kernels (metroline.kernels): RoPE and the K/V write fused in one call per
+    layer, then one paged-attention call for the whole batch, decodes and prefill chunks alike,
+    reading K/V straight from the blocks. The cache is fp16 (half the bytes of fp32; widened in
+    registers). Each query's result depends only on its own keys, whatever else is batched."""
+
+    name = "cpu"
+    fuses_rope = True
+
+    def __init__(self, kv_cache_dtype: torch.dtype = torch.float16):
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def allocate_kv_cache(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        return super().allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                                         self.kv_cache_dtype, device)
+
+    def build_metadata(self, seqs, block_size, device):
+        slot_mapping: list[int] = []
+        positions: list[int] = []
+        qsl = [0]
+        ctx = []
+        max_blocks = 1
+        for s in seqs:
+            end = s.start_pos + s.num_new_tokens
+            slot_mapping += _slots_of(s.block_ids, s.start_pos, end, block_size)
+            positions += range(s.start_pos, end)
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            ctx.append(end)
+            max_blocks = max(max_blocks, -(-end // block_size))
+        table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            n = -(-ctx[i] // block_size)
+            table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int32)
+        return PagedMetadata(torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+                             torch.tensor(positions, dtype=torch.int64, device=device),
+                             table.to(device), torch.tensor(ctx, dtype=torch.int32, device=device),
+                             torch.tensor(qsl, dtype=torch.int32, device=device), block_size)
+
+    def forward(self, q, k, v, kv_cache, meta, scale, rope=None):
+        from metroline.kernels.attention import paged_attention_decode
+        from metroline.kernels.fused import rope_kv_write
+
+        k_cache, v_cache = kv_cache
+        if rope is not None:  # full cos/sin tables: the kernel picks each token's row
+            rope_kv_write(q, k, v, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping,
+                          positions=meta.positions)
+        else:
+            k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                      meta.query_start_loc, scale, meta.block_size)
+
+
+_BACKENDS = {"torch": TorchAttentionBackend, "cpu": CpuPagedAttentionBackend}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -85,12 +85,12 @@ class EngineCore:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         bs = self.cache_config.block_size
-        per_token = ModelRunner.kv_bytes_per_token(model, self.dtype)
+        backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
+        per_token = ModelRunner.kv_bytes_per_token(model, backend.kv_cache_dtype or self.dtype)
         ctx = model.max_positions
         num_blocks, self.kv_sizing = self._size_kv_pool(per_token, ctx)
         self.num_blocks = num_blocks
         self.max_model_len = min(self.scheduler_config.max_model_len or ctx, ctx, num_blocks * bs)
-        backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
         self.runner = ModelRunner(model, backend, num_blocks, bs, self.device, self.dtype,
                                   self.model_config.seed)
         self.host_tier = self._make_host_tier(per_token * bs)
@@ -109,6 +109,8 @@ class EngineCore:
                                vocab_size=loaded.config.vocab_size, device=str(self.device),
                                dtype=str(self.dtype).removeprefix("torch."), num_blocks=num_blocks,
                                block_size=bs, kv_cache_bytes=num_blocks * bs * per_token,
+                               attention_backend=backend.name,
+                               kv_cache_dtype=str(backend.kv_cache_dtype or self.dtype).removeprefix("torch."),
                                kv_sizing=self.kv_sizing)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s), max_model_len %d",
                     num_blocks, bs, num_blocks * bs * per_token / 2**20, self.kv_sizing,

@@ -281,6 +281,8 @@ class EngineInfo:
     block_size: int
     kv_cache_bytes: int = 0
     kv_sizing: str = ""  # how the pool's size was chosen
+    attention_backend: str = ""
+    kv_cache_dtype: str = ""
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metroline.attention.backend import AttentionBackend, AttentionMetadata
+from metroline.kernels import fused as _fused
 from metroline.quant.packed import PackedEmbedding, PackedLinear, RawWeight
 
 
@@ -55,8 +56,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; bit-identical to the composite below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            if x.is_cpu and _fused.available("rms_norm"):
+                return _fused.rms_norm(x, self.weight, self.eps)  # one C++ call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # = the composite below
         # Normalise in fp32 whatever the model dtype, as the reference implementation does.
         dtype = x.dtype
         x = x.float()
@@ -112,6 +115,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", emb.cos(), persistent=False)
         self.register_buffer("sin_cached", emb.sin(), persistent=False)
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole [max_positions, D] cos/sin tables (for backends that fuse RoPE)."""
+        return self.cos_cached, self.sin_cached
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, D] tables for the step's positions; computed once per step, used by every layer."""
         return (self.cos_cached[positions].unsqueeze(1).to(dtype),
@@ -163,10 +170,14 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        if backend.fuses_rope:  # RoPE, the K/V write and attention in the backend's kernels
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = backend.forward(q, k, v, kv_cache, meta, self.scale, rope=rope)
+        else:
+            qk = apply_rotary(qk, *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -180,7 +191,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dtype == torch.float32 and gate_up.is_cpu and _fused.available("silu_mul"):
+            return self.down_proj(_fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -195,6 +209,14 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, rope, backend, meta, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, h, residual, rope, backend, meta, kv_cache):
+        """The same layer on the residual stream with fused add + RMSNorm (vLLM's contract):
+        `h` is this layer's normalized input, `residual` the stream; both are updated."""
+        h = self.self_attn(h, rope, backend, meta, kv_cache)
+        _fused.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+                            self.post_attention_layernorm.eps)
+        return self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -237,7 +259,17 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of T tokens (no padding)."""
         x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary_emb.cos_sin(positions, x.dtype)
+        rotary = self.model.rotary_emb
+        rope = rotary.tables() if backend.fuses_rope else rotary.cos_sin(positions, x.dtype)
+        if x.dtype == torch.float32 and x.is_cpu and _fused.available("add_rms_norm"):
+            # Residual stream with one fused add + RMSNorm between sublayers.
+            residual, layers = x, self.model.layers
+            h = layers[0].input_layernorm(residual)
+            for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+                h = layer.forward_fused(h, residual, rope, backend, meta, kv)
+                norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                _fused.add_rms_norm(h, residual, norm.weight, norm.eps)
+            return h
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, rope, backend, meta, kv)
         return self.model.norm(x)
