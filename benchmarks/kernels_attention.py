@@ -303,7 +303,9 @@ def plot(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     rows = result["results"]
     threads = sorted({r["threads"] for r in rows})
     batches = sorted({r["B"] for r in rows})
@@ -322,6 +324,10 @@ def plot(result: dict, path: str) -> None:
                         color=colors["torch" if impl == "torch" else cache], label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sorted({r["ctx"] for r in rows if "ctx" in r}))
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("us / call (one layer)")
         ax.set_title(f"decode attention, cold KV, {t} thread(s)", fontsize=9)
@@ -344,6 +350,9 @@ def plot(result: dict, path: str) -> None:
         ax.set_xticks(range(len(ops)))
         ax.set_xticklabels(ops, fontsize=8)
         ax.set_yscale("log")
+        ax.set_yticks([v for v in (1, 2, 5, 10, 20, 50, 100, 200, 500) if v <= 2 * max(ax.get_ylim())])
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("us / call")
         ax.set_title(f"fused ops (fp32 cache for rope), {t} thread(s)", fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
