@@ -46,9 +46,15 @@ def _op(name: str):
 _simd_isa = _op("simd_isa")
 
 
+_LOADED: dict[str, bool] = {}
+
+
 def available(name: str = "rms_norm") -> bool:
-    """Whether the compiled op `name` is loaded."""
-    return _op(name) is not None
+    """Whether the compiled op `name` is loaded (cached: cheap enough for a forward pass)."""
+    try:
+        return _LOADED[name]
+    except KeyError:
+        return _LOADED.setdefault(name, _op(name) is not None)
 
 
 def simd_isa() -> str:
