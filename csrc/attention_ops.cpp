@@ -21,8 +21,11 @@ namespace {
 // Below this much work (keys x query rows, ~2 ns each) one thread does it all: waking the
 // pool costs a few us.
 constexpr int64_t kParallelMinWork = 1 << 13;
-// A split (flash-decoding) gets at least this many keys; splits start at multiples of 16.
-constexpr int64_t kMinSplitKeys = 256;
+// Long contexts are split (flash-decoding) at fixed key positions, multiples of this: where a
+// row's keys are cut depends on nothing but its own context, never on the batch or the
+// threads, so a query's result is bit-identical whatever else is in the step (batched ==
+// alone, chunked prefill == whole prefill, speculative q_len k+1 == k+1 decodes).
+constexpr int64_t kSplitKeys = 512;
 
 using AttendFn = void (*)(const PagedAttnArgs&, const AttnItem&, float*);
 
@@ -54,21 +57,19 @@ Plan plan(const int32_t* ctx, const int32_t* qsl, int64_t B, int64_t Hkv, int64_
       p.work += Hkv * keys * nj * G;
     }
   }
+  (void)threads;
   const int64_t n = int64_t(p.items.size());
   p.part_off.assign(n, -1);
-  if (threads <= 1 || p.work < kParallelMinWork || n >= 4 * threads) return p;
-  // Too few items to keep every thread busy: cut the long ones along the keys.
-  const int64_t want = (4 * threads + n - 1) / n;
   std::vector<AttnItem> items;
   std::vector<int64_t> offs;
   for (const AttnItem& it : p.items) {
-    const int64_t keys = it.k1, splits = std::min(want, keys / kMinSplitKeys);
-    if (splits <= 1) {
+    const int64_t keys = it.k1;
+    if (keys <= kSplitKeys) {
       items.push_back(it);
       offs.push_back(-1);
       continue;
     }
-    const int64_t step = (keys + splits - 1) / splits + 15 & ~int64_t(15), M = it.nj * G;
+    const int64_t step = kSplitKeys, M = it.nj * G;
     Plan::Merge mg{it.b, it.h, it.j0, it.nj, int64_t(items.size()), 0};
     for (int64_t k0 = 0; k0 < keys; k0 += step, ++mg.count) {
       AttnItem s = it;
