@@ -17,6 +17,7 @@ here still works on the same packed bytes through pure torch, logging one warnin
 from __future__ import annotations
 
 import contextlib
+import importlib
 import enum
 import logging
 import warnings
@@ -51,7 +52,8 @@ _RAW_BLOCK_BYTES = {Fmt.Q4_0: 18, Fmt.Q4_1: 20, Fmt.Q8_0: 34}
 _ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
 
 try:
-    from metroline import _C  # noqa: F401  (registers torch.ops.metroline.*)
+    # The compiled extension, optional; importing it registers torch.ops.metroline.*.
+    importlib.import_module("metroline._C")
 
     _ops = torch.ops.metroline
     _reason: str | None = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metroline import kernels as _k
+import metroline.kernels as _k
 
 __all__ = [
     "available", "simd_isa", "supported_isas",

@@ -308,7 +308,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
                weights: str = "auto") -> LoadedModel:
     from metroline.tokenizer import Tokenizer
 
-    from metroline import kernels
+    import metroline.kernels as kernels
 
     source = resolve_model_source(model)
     dev = resolve_device(device)
@@ -401,7 +401,7 @@ def _describe_weights(net, held: str) -> str:
     packed = [m for m in net.modules() if isinstance(m, PackedLinear)]
     if held != "packed" or not packed:
         return held if held != "packed" else "fp32"
-    from metroline import kernels
+    import metroline.kernels as kernels
 
     fmts = sorted({kernels.Fmt(m.fmt).name for m in packed})
     others = sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metroline import kernels
+import metroline.kernels as kernels
 
 # GGUF type numbers (gguf.GGMLQuantizationType) the packed kernels compute on.
 PACKABLE = {int(f): f for f in kernels.Fmt}
