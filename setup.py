@@ -44,6 +44,8 @@ def describe(e: BaseException) -> str:
     if cmd:
         what = f"compiling {os.path.relpath(src.group(1), HERE)}" if src else "the compiler check"
         return f"{type(e).__name__}: {what} with `{cmd.group(1)}` failed"
+    if "compil" in msg.lower():  # ninja's failure names no command: say which compiler
+        return f"{type(e).__name__}: {msg} with `{os.environ.get('CXX', 'c++')}`"
     return f"{type(e).__name__}: {msg}"
 
 
@@ -89,7 +91,9 @@ def extension_setup() -> dict:
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=LINK_FLAGS,
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}
+    # torch's BuildExtension uses ninja when it is installed (parallel, incremental) and plain
+    # setuptools otherwise.
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
 
 
 setup(**extension_setup())

@@ -55,14 +55,15 @@ const Cpu& cpu() {
   return c;
 }
 
+// The CPU is checked before built_*(): those live in the ISA's own file, compiled for it.
 bool can_avx2() {
   const Cpu& c = cpu();
-  return built_avx2() && c.os_avx && c.avx2 && c.fma && c.f16c;
+  return c.os_avx && c.avx2 && c.fma && c.f16c && built_avx2();
 }
 bool can_avx512() {
   const Cpu& c = cpu();
-  return built_avx512() && can_avx2() && c.os_avx512 && c.avx512f && c.avx512bw && c.avx512vl &&
-         c.avx512dq && c.vnni;
+  return c.os_avx512 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.vnni && can_avx2() &&
+         built_avx512();
 }
 
 int best_isa() { return can_avx512() ? ISA_AVX512 : can_avx2() ? ISA_AVX2 : ISA_SCALAR; }

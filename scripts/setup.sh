@@ -36,7 +36,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import metrol
 else
   # The C++ kernels compile against the torch above, so no build isolation (which would
   # also fetch a second torch); setup.py skips them with a warning if the build fails.
-  "$py" -c "import setuptools, wheel" 2>/dev/null || pip_q "setuptools>=68" wheel
+  # ninja compiles the sources in parallel and rebuilds only what changed.
+  "$py" -c "import setuptools, wheel, ninja" 2>/dev/null || pip_q "setuptools>=68" wheel ninja
   say "installing metroline [$extra] and building its C++ kernels (~1-2 min the first time)"
   pip_q --no-build-isolation -e ".[$extra]"
   echo "$want" > "$stamp"
