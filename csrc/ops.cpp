@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "qmm.h"
 
@@ -159,12 +160,13 @@ QXTensors quantize_x(const float* x, int64_t M, int64_t K, int isa) {
   return t;
 }
 
+// x [..., K] float32 on CPU -> contiguous [M, K] (a view when it already is).
 at::Tensor check_x(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "metroline: x must be a 2-D float32 CPU tensor, got ", x.scalar_type(), " with ", x.dim(),
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1,
+              "metroline: x must be a float32 CPU tensor [..., K], got ", x.scalar_type(), " with ", x.dim(),
               " dims");
-  TORCH_CHECK(x.size(1) == K, "metroline: x has ", x.size(1), " columns, weights have K=", K);
-  return x.contiguous();
+  TORCH_CHECK(x.size(-1) == K, "metroline: x has ", x.size(-1), " columns, weights have K=", K);
+  return x.contiguous().view({-1, K});
 }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& packed, int64_t fmt, int64_t N, int64_t K,
@@ -173,7 +175,9 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& packed, int64_t fmt, i
   const at::Tensor xc = check_x(x, K);
   const int use = resolve_isa(isa);
   const int64_t M = xc.size(0);
-  at::Tensor y = at::empty({M, N}, xc.options());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, xc.options());
   if (M == 0) return y;
   const QXTensors qx = quantize_x(xc.data_ptr<float>(), M, K, use);
   QArgs a;
@@ -193,7 +197,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& packed, int64_t fmt, i
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "metroline.quantize_q8: x must be [M, K], K % 32 == 0");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "metroline.quantize_q8: x must be [M, K] with K % 32 == 0");
   const int64_t K = x.size(1), M = x.size(0);
   const at::Tensor xc = check_x(x, K);
   const QXTensors qx = quantize_x(xc.data_ptr<float>(), M, K, resolve_isa(isa));
@@ -237,6 +241,7 @@ TORCH_LIBRARY(metroline, m) {
   m.def("repack(Tensor raw, int fmt) -> Tensor");
   m.def("unpack(Tensor packed, int fmt, int N, int K) -> Tensor");
   m.def("dequant(Tensor packed, int fmt, int N, int K) -> Tensor");
+  // x [..., K] float32 -> y [..., N]
   m.def("qmatmul(Tensor x, Tensor packed, int fmt, int N, int K, int isa=-1) -> Tensor");
   m.def("quantize_q8(Tensor x, int isa=-1) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &metroline::cpu_isa);

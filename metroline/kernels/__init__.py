@@ -70,7 +70,7 @@ _warned = False
 if _ops is not None:
     @torch.library.register_fake("metroline::qmatmul")
     def _qmatmul_fake(x, packed, fmt, N, K, isa=-1):
-        return x.new_empty((x.shape[0], N))
+        return x.new_empty((*x.shape[:-1], N))
 
     @torch.library.register_fake("metroline::dequant")
     def _dequant_fake(packed, fmt, N, K):
@@ -198,19 +198,14 @@ def qmatmul(x: torch.Tensor, packed: torch.Tensor, fmt, N: int, K: int) -> torch
     Every weight byte is read once per call whatever the number of rows of x, so batching rows
     into one call is nearly free until the kernel becomes compute-bound (M ~ 4-8).
     """
-    if _ops is not None and x.dtype is torch.float32 and x.dim() == 2:
-        return _ops.qmatmul(x, packed, fmt, N, K, _isa)  # the decode hot path: ~3 us of overhead
+    if _ops is not None:  # the decode hot path: ~3 us of overhead (fmt and shapes checked in C++)
+        if x.dtype is torch.float32:
+            return _ops.qmatmul(x, packed, fmt, N, K, _isa)
+        return _ops.qmatmul(x.float(), packed, fmt, N, K, _isa).to(x.dtype)
     fmt = _fmt(fmt)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    if _ops is None:
-        _fallback("qmatmul")
-        y = qmatmul_torch(x2, packed, fmt, N, K)
-    else:
-        y = _ops.qmatmul(x2, packed, int(fmt), N, K, _isa)
-    return y.reshape(*lead, N).to(x.dtype)
+    _fallback("qmatmul")
+    y = qmatmul_torch(x.reshape(-1, x.shape[-1]), packed, fmt, N, K)
+    return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -281,7 +281,9 @@ def test_qmatmul_shapes_dtypes_and_errors():
     assert y.shape == (2, 3, 192)
     torch.testing.assert_close(y.reshape(6, 192), K.qmatmul(x.reshape(6, 576), packed, K.Q4_1, 192, 576))
     yb = K.qmatmul(x.bfloat16(), packed, K.Q4_1, 192, 576)
-    assert yb.dtype == torch.bfloat16
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, 192)
+    assert K.qmatmul(x[0, 0], packed, K.Q4_1, 192, 576).shape == (192,)
+    assert K.qmatmul(torch.zeros(2, 0, 576), packed, K.Q4_1, 192, 576).shape == (2, 0, 192)
     xt = activations(4, 576).T.contiguous().T  # non-contiguous
     torch.testing.assert_close(K.qmatmul(xt, packed, K.Q4_1, 192, 576), K.qmatmul(xt.contiguous(), packed, K.Q4_1, 192, 576))
     with pytest.raises(RuntimeError, match="columns"):
