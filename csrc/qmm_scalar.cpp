@@ -146,7 +146,8 @@ void quantize_x_scalar(const float* x, int64_t K, int64_t m0, int64_t m1, QXBuf 
   }
 }
 
-// The slow twin: the same integer sums and the same per-block scaling as the vector paths.
+// The slow twin: the same integer sums and the same per-block float operations as the vector
+// paths (fused multiply-adds included), so its output is bit-identical to theirs.
 void qmm_scalar(const QArgs& a, int64_t g0, int64_t g1) {
   const int fmt = a.fmt;
   const int64_t nb = a.nb, rec = rec_bytes(fmt);
@@ -161,8 +162,8 @@ void qmm_scalar(const QArgs& a, int64_t g0, int64_t g1) {
           for (int k = 0; k < QK; ++k) dot += packed_q(p, fmt, r, k) * xq[k];
           if (fmt == Q4_0) dot -= 8 * a.x.s[m * nb + b];
           const float d = fp16_to_fp32(load_u16(p + 2 * r));
-          acc += float(dot) * (d * a.x.d[m * nb + b]);
-          if (fmt == Q4_1) acc += fp16_to_fp32(load_u16(p + 32 + 2 * r)) * a.x.ds[m * nb + b];
+          acc = std::fma(float(dot), d * a.x.d[m * nb + b], acc);
+          if (fmt == Q4_1) acc = std::fma(fp16_to_fp32(load_u16(p + 32 + 2 * r)), a.x.ds[m * nb + b], acc);
         }
         a.y[m * a.N + g * G + r] = acc;
       }
