@@ -20,6 +20,7 @@ from metroline.attention.backend import AttentionBackend, SeqInfo
 from metroline.engine.request import ModelRunnerOutput, SampledTokens
 from metroline.engine.sampler import Sampler
 from metroline.model.llama import LlamaForCausalLM
+from metroline.platform import threads_for_step
 
 
 class ModelRunner:
@@ -33,6 +34,9 @@ class ModelRunner:
         self.kv_caches = backend.allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
                                                    cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         self.sampler = Sampler(cfg.vocab_size, seed)
+        # The thread count set at start-up (--threads) is the most a step uses.
+        self.max_threads = torch.get_num_threads()
+        self._threads = self.max_threads
 
     @staticmethod
     def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
@@ -66,6 +70,11 @@ class ModelRunner:
                 sampling.append((s, len(logit_rows)))
                 logit_rows += range(len(input_ids) - s.num_logits, len(input_ids))
         dev = self.device
+        if dev.type == "cpu":
+            threads = threads_for_step(len(input_ids), self.max_threads)
+            if threads != self._threads:
+                torch.set_num_threads(threads)
+                self._threads = threads
         meta = self.backend.build_metadata(seqs, self.block_size, dev)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev),
                             torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -116,6 +116,11 @@ def force_isa(name: str) -> Iterator[None]:
         _isa = old
 
 
+def current_isa() -> int:
+    """The path force_isa selected, as the ops' `isa` argument (-1: the best this CPU runs)."""
+    return _isa
+
+
 def supported_isas() -> list[str]:
     """Kernel paths this CPU and build can run, slowest first."""
     if _ops is None:
