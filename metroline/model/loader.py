@@ -362,6 +362,13 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         max_len = min(max_len, config.extra["sliding_window"])
     with torch.device("meta"):
         net = LlamaForCausalLM(config, max_positions=max_len)
+    if held == "packed" and source.kind != "gguf":
+        # A safetensors checkpoint is quantized at load: each matrix to Q8_0 (int8, one fp16
+        # scale per 32 weights of a row), then computed on by the same packed kernels.
+        stored = {n: int(kernels.Q8_0) for n in _matrix_names(net, config)}
+        raw_names = set(stored)
+        hf_weights = weights
+        weights = lambda bar: _quantized_q8_0(hf_weights(bar), raw_names)  # noqa: E731
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
             net, stored, "model.embed_tokens" if config.tie_word_embeddings else None, "lm_head")
@@ -387,6 +394,32 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     net.eval().requires_grad_(False)
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
                        _describe_weights(net, held), _decode_weight_bytes(net))
+
+
+def _matrix_names(net, config) -> list[str]:
+    """The checkpoint-side names (fused layers by shard) of every matrix a packed layer can
+    hold: K a multiple of 32."""
+    names = []
+    for name, mod in net.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.in_features % 32 == 0:
+            shards = getattr(mod, "shard_offsets", None)
+            names += [f"{name}.weight:{s}" for s in shards] if shards else [f"{name}.weight"]
+        elif isinstance(mod, torch.nn.Embedding) and mod.embedding_dim % 32 == 0:
+            names.append(f"{name}.weight")
+    return names
+
+
+def _quantized_q8_0(weights, raw_names: set[str]):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    for name, t in weights:
+        if _fused_name(name) in raw_names and t.dim() == 2:
+            rows = quantize(t.float().numpy(), GGMLQuantizationType.Q8_0)
+            yield name, RawWeight(torch.from_numpy(rows), int(GGMLQuantizationType.Q8_0),
+                                  tuple(t.shape))
+        else:
+            yield name, t
 
 
 def _fused_name(hf_name: str) -> str:

@@ -177,3 +177,34 @@ def test_cpu_attention_backend_matches_the_torch_one(default_loaded_fp32, chats)
         got = logits(cpu, ids, chunks)
         assert (got - want).abs().max() < 0.1, (got - want).abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.97
+
+
+def test_safetensors_checkpoint_quantized_to_q8_0_at_load(tiny_tokenizer, tmp_path):
+    """--weights packed on an HF folder: each matrix quantized to Q8_0 at load (int8, one
+    scale per 32 weights of a row) and computed on by the packed kernels."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    tok_dir, tok = tiny_tokenizer
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64,
+                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((tok_dir / f).read_bytes())
+    packed = load_model(str(tmp_path), device="cpu", show_progress=False, weights="packed")
+    ref = load_model(str(tmp_path), device="cpu", show_progress=False, weights="fp32")
+    assert packed.weights.startswith("packed Q8_0")
+    q = packed.model.model.layers[0].self_attn.o_proj
+    w = ref.model.model.layers[0].self_attn.o_proj.weight
+    want = dequantize(quantize(w.numpy(), Q.Q8_0), Q.Q8_0)
+    assert isinstance(q, PackedLinear) and torch.equal(q.dequantized(), torch.from_numpy(np.asarray(want)))
+    assert isinstance(packed.model.lm_head, PackedLinear)  # tied: computed on the embedding's bytes
+    prompt = _tiny_prompt(tok, 40)
+    ours, full = paged_logits(packed, prompt), paged_logits(ref, prompt)
+    assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+    assert _kl(full, ours).mean() < 0.02
