@@ -167,26 +167,26 @@ def iter_gguf_weights(reader, config: LlamaConfig, progress=None,
         name = gguf_name_to_hf(t.name)
         if _fused_name(name) in raw_names:
             rows = int(t.shape[1])
-            data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)
-            if config.architecture in ("llama", "mistral"):
-                if name.endswith("q_proj.weight"):
-                    data = _reverse_llama_permute(data, config.num_attention_heads)
-                elif name.endswith("k_proj.weight"):
-                    data = _reverse_llama_permute(data, config.num_key_value_heads)
-            if progress is not None:
-                progress.update(1)
-            yield name, RawWeight(torch.from_numpy(np.array(data, copy=True)), int(t.tensor_type),
-                                  (rows, int(t.shape[0])))
-            continue
-        w = dequantize_gguf_tensor(t)
-        if config.architecture in ("llama", "mistral"):  # the converter permutes q/k biases too
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _reverse_llama_permute(w, config.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _reverse_llama_permute(w, config.num_key_value_heads)
+            data = _unpermute(name, np.asarray(t.data).view(np.uint8).reshape(rows, -1), config)
+            w = RawWeight(torch.from_numpy(np.array(data, copy=True)), int(t.tensor_type),
+                          (rows, int(t.shape[0])))
+        else:
+            w = torch.from_numpy(np.require(_unpermute(name, dequantize_gguf_tensor(t), config),
+                                            np.float32, ["C", "W"]))
         if progress is not None:
             progress.update(1)
-        yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+        yield name, w
+
+
+def _unpermute(name: str, rows: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """Undo the converter's q/k row interleave (weights and biases alike; rows are independent,
+    so stored quantized rows are reordered just as fp32 ones)."""
+    if config.architecture in ("llama", "mistral"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return _reverse_llama_permute(rows, config.num_attention_heads)
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return _reverse_llama_permute(rows, config.num_key_value_heads)
+    return rows
 
 
 # ------------------------------------------------------------------------------ HF folder

@@ -78,14 +78,14 @@ def _params_of(loaded) -> torch.Tensor:
 
 @torch.inference_mode()
 def paged_logits(loaded, ids: list[int], chunks: list[int] | None = None, block_size: int = 16,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0, backend=None) -> torch.Tensor:
     """Logits [len(ids), vocab] through the paged path: one step per entry of `chunks` (a
     1-token step after the first is a decode step; longer ones are prefill chunks over cached
-    context)."""
+    context). The torch attention backend unless `backend` is given."""
     model, cfg, p = loaded.model, loaded.config, _params_of(loaded)
     chunks = list(chunks or [len(ids)])
     assert sum(chunks) == len(ids)
-    backend = TorchAttentionBackend()
+    backend = backend or TorchAttentionBackend()
     need = -(-len(ids) // block_size)
     num_blocks = 2 * need + 1
     # Out-of-order blocks with free ones between them: a wrong slot mapping cannot go unnoticed.

@@ -149,32 +149,17 @@ def test_default_model_packed_greedy_mostly_identical(default_llm, default_loade
 def test_cpu_attention_backend_matches_the_torch_one(default_loaded_fp32, chats):
     """The C++ backend (fused RoPE, fp16 K/V, paged attention) against the torch backend (fp32
     K/V, SDPA) on the same fp32 weights: only the fp16 rounding of K/V differs."""
-    from metroline.attention.backend import CpuPagedAttentionBackend, SeqInfo, TorchAttentionBackend
+    from metroline.attention.backend import CpuPagedAttentionBackend
     from metroline.kernels import fused
 
     if not fused.available("paged_attention_decode"):
         pytest.skip("C++ kernels not built")
-    model, cfg = default_loaded_fp32.model, default_loaded_fp32.config
-
-    @torch.inference_mode()
-    def logits(backend, ids, chunks):
-        nb = -(-len(ids) // 16)
-        kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nb, 16, cfg.num_key_value_heads,
-                                       cfg.head_dim, torch.float32, torch.device("cpu"))
-        out, start = [], 0
-        for n in chunks:
-            meta = backend.build_metadata([SeqInfo(n, start, list(range(nb)))], 16, torch.device("cpu"))
-            h = model(torch.tensor(ids[start:start + n]), torch.arange(start, start + n), backend, meta, kv)
-            out.append(model.compute_logits(h))
-            start += n
-        return torch.cat(out)
-
     cpu = CpuPagedAttentionBackend()
     assert cpu.kv_cache_dtype == torch.float16
     for ids in chats[:4]:
         chunks = [len(ids) - 3, 1, 1, 1]
-        want = logits(TorchAttentionBackend(), ids, chunks)
-        got = logits(cpu, ids, chunks)
+        want = paged_logits(default_loaded_fp32, ids, chunks)
+        got = paged_logits(default_loaded_fp32, ids, chunks, backend=cpu)
         assert (got - want).abs().max() < 0.1, (got - want).abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.97
 
