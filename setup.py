@@ -21,6 +21,7 @@ SOURCES = [
     "csrc/qmm_avx2.cpp",
     "csrc/qmm_avx512.cpp",
     *[f"csrc/{n}_{p}.cpp" for n in ("attention", "fused") for p in ("ops", "scalar", "avx2", "avx512")],
+    "csrc/layers_ops.cpp",
 ]
 # No -march: each ISA's code is compiled for its target by a pragma in its own file, and
 # picked at run time, so one build runs on any x86-64. -ffp-contract=off keeps dequant

@@ -28,6 +28,7 @@ struct PagedAttnArgs {
   int64_t bt_stride;
   const int32_t* context_lens;     // [B]
   const int32_t* query_start_loc;  // [B + 1]
+  int64_t B;
   int64_t Hq, Hkv, D, block_size;
   float scale;
   float* out;  // [T, Hq, D] contiguous

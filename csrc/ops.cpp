@@ -235,6 +235,9 @@ int64_t packed_nbytes(int64_t fmt, int64_t N, int64_t K) {
 }
 
 }  // namespace
+
+int qmm_resolve_isa(int64_t isa) { return resolve_isa(isa); }
+
 }  // namespace metroline
 
 TORCH_LIBRARY(metroline, m) {

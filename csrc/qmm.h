@@ -88,4 +88,8 @@ bool built_avx512();
 
 float fp16_to_fp32(uint16_t h);
 
+// The matmul path to run for `isa` (ISA_AUTO: the best this CPU and build run); ops.cpp
+// checks the CPU and throws (a c10::Error) when it cannot run the path asked for.
+int qmm_resolve_isa(int64_t isa);
+
 }  // namespace metroline

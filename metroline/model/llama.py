@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroline.attention.backend import AttentionBackend, AttentionMetadata
+from metroline.attention.backend import AttentionBackend, AttentionMetadata, PagedMetadata
 from metroline.kernels import fused as _fused
+from metroline.kernels import layers as _layers
 from metroline.quant.packed import PackedEmbedding, PackedLinear, RawWeight
 
 
@@ -266,6 +267,12 @@ class LlamaForCausalLM(nn.Module):
             # Residual stream with one fused add + RMSNorm between sublayers.
             residual, layers = x, self.model.layers
             h = layers[0].input_layernorm(residual)
+            stack = self._layer_stack(kv_caches) if isinstance(meta, PagedMetadata) else None
+            if stack is not None:  # every layer in one C++ call: no Python between ops
+                _layers.decode_layers(h, residual, stack, rope[0], rope[1], meta.positions, meta.slot_mapping,
+                                      meta.block_tables, meta.context_lens, meta.query_start_loc,
+                                      meta.block_size, layers[0].self_attn.scale, self.model.norm.eps)
+                return h
             for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
                 h = layer.forward_fused(h, residual, rope, backend, meta, kv)
                 norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
@@ -275,12 +282,51 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, rope, backend, meta, kv)
         return self.model.norm(x)
 
+    def _layer_stack(self, kv_caches: list) -> _layers.LayerStack | None:
+        """decode_layers' arguments when every layer can run in it (packed linear layers without
+        biases, fp32 norms, CPU), else None. The weight list is built once."""
+        if not _layers.enabled():
+            return None
+        cached = self.__dict__.get("_stack_weights")
+        if cached is None:
+            cached = self._stack_weights = self._collect_stack_weights()
+        if not cached:
+            return None
+        weights, fmts = cached
+        cfg = self.config
+        return _layers.LayerStack(weights, fmts, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+                                  cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+
+    def _collect_stack_weights(self) -> tuple[list[torch.Tensor], list[int]] | tuple[()]:
+        weights: list[torch.Tensor] = []
+        fmts: list[int] = []
+        layers = self.model.layers
+        eps = {self.model.norm.eps}
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not all(isinstance(m, PackedLinear) and m.bias is None and m.packed.is_cpu for m in lins):
+                return ()
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            norms = (layer.post_attention_layernorm, nxt)
+            if not all(n.weight.dtype == torch.float32 and n.weight.is_cpu for n in norms):
+                return ()
+            eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
+            weights += [m.packed for m in lins] + [n.weight.detach() for n in norms]
+            fmts += [m.fmt for m in lins]
+        return (weights, fmts) if len(eps) == 1 else ()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return logits if logits.dtype == torch.float32 else logits.float()
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_stack_weights", None)  # .to() and friends replace the tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters; returns the names loaded."""
+        self.__dict__.pop("_stack_weights", None)
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:

@@ -1,0 +1,48 @@
+// The torch-facing pieces of paged decode attention that more than one op needs: the checks
+// of a step's layout (block tables, context lengths, query starts), the work plan and the
+// merge of split items. attention_ops.cpp (one attention call) and layers_ops.cpp (every
+// layer of a decode step in one call) both use them, so a layer attends exactly as the
+// standalone op does.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "attention.h"
+
+namespace metroline {
+
+using AttendFn = void (*)(const PagedAttnArgs&, const AttnItem&, float*);
+AttendFn attend_fn(int vec_isa);
+
+// Checks k_cache / v_cache (one shape [S, Hkv, D] and dtype, fp16 or fp32, contiguous).
+void check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D);
+
+// Checks block_tables [B, max_blocks] int32, context_lens [B] int32 and query_start_loc [B+1]
+// int32 against T query rows and a cache of S rows, and fills a's layout fields
+// (block_tables, bt_stride, context_lens, query_start_loc, block_size).
+void check_paged_layout(const char* op, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        const at::Tensor& query_start_loc, int64_t T, int64_t S, int64_t block_size,
+                        PagedAttnArgs& a);
+
+// The step's work: items in the order threads should take them (longest first), each item's
+// offset in the partials buffer (-1: it writes out itself), and the merges of split items.
+struct AttnPlan {
+  std::vector<AttnItem> items;
+  std::vector<int64_t> part_off;
+  struct Merge {
+    int32_t b, h, j0, nj;
+    int64_t first, count;  // items[first, first + count) are its splits (before reordering)
+  };
+  std::vector<Merge> merges;
+  std::vector<int64_t> order;  // longest item first
+  int64_t part_floats = 0, work = 0;
+};
+AttnPlan attention_plan(const PagedAttnArgs& a);
+
+// out rows of one split item group from its partials.
+void attention_merge(const PagedAttnArgs& a, const AttnPlan& p, const AttnPlan::Merge& mg, const float* parts);
+
+}  // namespace metroline
