@@ -10,11 +10,13 @@
 // (qmatmul, rope_kv_write, paged_attention_decode, add_rms_norm, silu_mul), so the result is
 // bit-identical to it: tests/unit/test_decode_layers.py checks that.
 //
-// Threads: one OpenMP region for the whole call. Each op's work is cut among the threads
-// (output-row groups of a matmul, token rows of the small ops, attention items handed out
-// longest first), and the threads meet at a spinning barrier between ops: ~0.1-0.3 us, where
-// a torch parallel region per op costs a pool wake-up (futex, several us under
-// OMP_WAIT_POLICY=PASSIVE) and a Python round trip. Between calls the threads sleep as
+// Threads: one OpenMP region for the whole call. Each op is cut into a few chunks per thread
+// (output-row groups of a matmul, token rows of the small ops, attention items longest
+// first) that the threads take from an atomic counter; the next op starts when every chunk
+// of this one is done. That costs ~0.1 us an op, where a torch parallel region per op costs
+// a pool wake-up (futex, several us under OMP_WAIT_POLICY=PASSIVE) and a Python round trip,
+// and a thread that another process holds off its core delays the step by at most the chunk
+// it holds, not by its whole time slice as at a barrier. Between calls the threads sleep as
 // OpenMP's policy says, so a server's HTTP loop keeps its core.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -44,33 +46,23 @@ inline void cpu_relax() {
 #endif
 }
 
-// Sense-counting barrier for the threads of one region. Spins (a step's ops are microseconds
-// apart), then yields the core if a thread is late (the machine is shared).
-class SpinBarrier {
- public:
-  void set_threads(int n) { n_ = n; }
-  void wait() {
-    if (n_ <= 1) return;
-    const int gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.store(gen + 1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpins)
-        cpu_relax();
-      else
-        std::this_thread::yield();
-    }
-  }
-
- private:
-  static constexpr int kSpins = 1 << 15;
-  alignas(64) std::atomic<int> count_{0};
-  alignas(64) std::atomic<int> gen_{0};
-  int n_ = 1;
+// One op of the step, cut into n chunks that the threads take one at a time; the next op
+// starts when all n are done. A thread that arrives late (another process had its core)
+// finds the chunks taken and goes on, so nobody waits for a thread that is not running,
+// only for chunks in progress: a plain barrier would stall the step for a whole time slice.
+struct alignas(64) Phase {
+  std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
 };
+
+inline void wait_done(const Phase& ph, int64_t n) {
+  for (int spins = 0; ph.done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < (1 << 15))
+      cpu_relax();
+    else
+      std::this_thread::yield();  // the machine is shared: let the late thread run
+  }
+}
 
 struct Linear {
   const uint8_t* w;
@@ -235,17 +227,25 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
   rope.slots = slots;
   rope.D = D;
 
-  // One counter per layer for the attention items: nothing to reset between layers.
-  std::unique_ptr<std::atomic<int64_t>[]> next_item(new std::atomic<int64_t>[L]);
-  for (int64_t l = 0; l < L; ++l) next_item[l].store(0, std::memory_order_relaxed);
-  SpinBarrier bar;
+  const int threads = int(std::max<int64_t>(1, at::get_num_threads()));
+  // Chunks per op: a few per thread, so a thread that is late leaves work the others can take.
+  const int64_t per_op = 4 * threads;
+  const int64_t row_chunks = std::min<int64_t>(T, per_op), rows_per_chunk = (T + row_chunks - 1) / row_chunks;
+  const int64_t phases_per_layer = 10 + (n_merges > 0);
+  std::unique_ptr<Phase[]> phases(new Phase[1 + L * phases_per_layer]);
 
-  auto body = [&](int tid, int nt) {
-    auto lo = [&](int64_t n) { return n * tid / nt; };
-    auto hi = [&](int64_t n) { return n * (tid + 1) / nt; };
-    const int64_t t0 = lo(T), t1 = hi(T);
-    auto quantize_rows = [&](const float* x, int64_t K) {
-      if (t0 < t1) quant_fn(x, K, t0, t1, qx);
+  auto body = [&]() {
+    Phase* ph = phases.get();
+    // Runs chunks c of the next op as fn(c) until none are left, then waits for the op to end.
+    auto run = [&](int64_t n, auto&& fn) {
+      Phase& p = *ph++;
+      int64_t mine = 0;
+      for (int64_t c; (c = p.next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) fn(c);
+      if (mine > 0) p.done.fetch_add(mine, std::memory_order_acq_rel);
+      wait_done(p, n);
+    };
+    auto rows = [&](auto&& fn) {  // fn(t0, t1) over chunks of token rows
+      run(row_chunks, [&](int64_t c) { fn(c * rows_per_chunk, std::min(T, (c + 1) * rows_per_chunk)); });
     };
     auto matmul = [&](const Linear& w, float* y) {
       QArgs a;
@@ -257,69 +257,47 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
       a.x = {qx.q, qx.d, qx.s, qx.ds};
       a.M = T;
       a.y = y;
-      const int64_t ng = n_groups(w.N), g0 = lo(ng), g1 = hi(ng);
-      if (g0 < g1) mm_fn(a, g0, g1);
+      const int64_t ng = n_groups(w.N), n = std::min(ng, per_op), step = (ng + n - 1) / n;
+      run((ng + step - 1) / step, [&](int64_t c) { mm_fn(a, c * step, std::min(ng, (c + 1) * step)); });
     };
-    quantize_rows(hp, H);
-    bar.wait();
+    rows([&](int64_t t0, int64_t t1) { quant_fn(hp, H, t0, t1, qx); });
     for (int64_t l = 0; l < L; ++l) {
       const Layer& y = layers[l];
       matmul(y.qkv, qkv);
-      bar.wait();
       RopeArgs r = rope;
       r.k_cache = y.k_cache;
       r.v_cache = y.v_cache;
-      if (t0 < t1) rope_fn(r, t0, t1);
-      bar.wait();
+      rows([&](int64_t t0, int64_t t1) { rope_fn(r, t0, t1); });
       PagedAttnArgs a = att;
       a.k_cache = y.k_cache;
       a.v_cache = y.v_cache;
-      for (int64_t i; (i = next_item[l].fetch_add(1, std::memory_order_relaxed)) < n_items;) {
+      run(n_items, [&](int64_t i) {
         const int64_t it = plan.order[i];
         attend(a, plan.items[it], plan.part_off[it] < 0 ? nullptr : parts + plan.part_off[it]);
-      }
-      bar.wait();
-      if (n_merges > 0) {
-        for (int64_t m = lo(n_merges); m < hi(n_merges); ++m) attention_merge(a, plan, plan.merges[m], parts);
-        bar.wait();
-      }
-      quantize_rows(attn, Hq * D);
-      bar.wait();
+      });
+      if (n_merges > 0) run(n_merges, [&](int64_t m) { attention_merge(a, plan, plan.merges[m], parts); });
+      rows([&](int64_t t0, int64_t t1) { quant_fn(attn, Hq * D, t0, t1, qx); });
       matmul(y.o, mid);
-      bar.wait();
-      if (t0 < t1) {
+      rows([&](int64_t t0, int64_t t1) {
         norm_fn(NormArgs{mid, H, res, H, y.post_ln, mid, H, H, float(eps)}, t0, t1);
         quant_fn(mid, H, t0, t1, qx);
-      }
-      bar.wait();
+      });
       matmul(y.gate_up, gu);
-      bar.wait();
-      if (t0 < t1) {
+      rows([&](int64_t t0, int64_t t1) {
         silu_fn(SiluArgs{gu, 2 * I, act, I, I}, t0, t1);
         quant_fn(act, I, t0, t1, qx);
-      }
-      bar.wait();
+      });
       matmul(y.down, mid);
-      bar.wait();
-      if (t0 < t1) {
+      rows([&](int64_t t0, int64_t t1) {
         norm_fn(NormArgs{mid, H, res, H, y.next_ln, hp, H, H, float(eps)}, t0, t1);
         if (l + 1 < L) quant_fn(hp, H, t0, t1, qx);
-      }
-      bar.wait();
+      });
     }
   };
 
-  const int threads = int(std::max<int64_t>(1, at::get_num_threads()));
-  if (threads == 1 || omp_in_parallel()) {
-    body(0, 1);
-    return;
-  }
+  if (threads == 1 || omp_in_parallel()) return body();
 #pragma omp parallel num_threads(threads)
-  {
-#pragma omp single
-    bar.set_threads(omp_get_num_threads());
-    body(omp_get_thread_num(), omp_get_num_threads());
-  }
+  body();
 }
 
 }  // namespace

@@ -37,6 +37,7 @@ class ModelRunner:
         # The thread count set at start-up (--threads) is the most a step uses.
         self.max_threads = torch.get_num_threads()
         self._threads = self.max_threads
+        self._whole_step_kernel = model.runs_layers_in_one_call(backend)
 
     @staticmethod
     def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
@@ -71,7 +72,7 @@ class ModelRunner:
                 logit_rows += range(len(input_ids) - s.num_logits, len(input_ids))
         dev = self.device
         if dev.type == "cpu":
-            threads = threads_for_step(len(input_ids), self.max_threads)
+            threads = threads_for_step(len(input_ids), self.max_threads, self._whole_step_kernel)
             if threads != self._threads:
                 torch.set_num_threads(threads)
                 self._threads = threads

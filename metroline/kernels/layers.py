@@ -12,7 +12,8 @@ the op-by-op path (`qmatmul`, `fused.rope_kv_write`, `attention.paged_attention_
 
 What the op-by-op path pays and this one does not: ~10 Python calls and torch dispatches per
 layer (300 a step for a 30-layer model, ~3-4 ms at batch 1) and a thread-pool wake-up per op;
-here one OpenMP region covers the step and its threads meet at a spinning barrier between ops.
+here one OpenMP region covers the step and its threads take each op's chunks from an atomic
+counter, a late thread leaving its share to the others.
 
 `LayerStack` holds the per-layer argument lists (weights, formats, caches), built once.
 Set METROLINE_DECODE_LAYERS=0 to run the op-by-op path instead (for A/B measurements).

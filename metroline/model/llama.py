@@ -282,12 +282,18 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, rope, backend, meta, kv)
         return self.model.norm(x)
 
+    def runs_layers_in_one_call(self, backend: AttentionBackend) -> bool:
+        """Whether a CPU forward on `backend` runs every layer in one decode_layers call."""
+        return backend.fuses_rope and self._layer_stack([]) is not None
+
     def _layer_stack(self, kv_caches: list) -> _layers.LayerStack | None:
         """decode_layers' arguments when every layer can run in it (packed linear layers without
         biases, fp32 norms, CPU), else None. The weight list is built once."""
         if not _layers.enabled():
             return None
         cached = self.__dict__.get("_stack_weights")
+        if cached and cached[0][0] is not getattr(self.model.layers[0].self_attn.qkv_proj, "packed", None):
+            cached = None  # the weights were moved (quant.packed.place_packed_weights)
         if cached is None:
             cached = self._stack_weights = self._collect_stack_weights()
         if not cached:

@@ -138,6 +138,26 @@ def dequantize_rows(rows: torch.Tensor, fmt: int, K: int) -> torch.Tensor:
     return (d * (q - 8)).reshape(T, K)
 
 
+def place_packed_weights(model: nn.Module, allocate) -> int:
+    """Move every CPU PackedLinear's bytes into one buffer from `allocate(nbytes)` (e.g.
+    platform.huge_page_buffer), in module order, which is the order a forward streams them;
+    each layer keeps a 64-byte-aligned view. Returns the bytes placed."""
+    layers = [m for m in model.modules()
+              if isinstance(m, PackedLinear) and m.packed.is_cpu and m.packed.numel() > 0]
+    sizes = [(m.packed.numel() + 63) // 64 * 64 for m in layers]
+    if not layers:
+        return 0
+    arena = allocate(sum(sizes))
+    off = 0
+    for m, size in zip(layers, sizes):
+        n = m.packed.numel()
+        view = arena[off:off + n]
+        view.copy_(m.packed)
+        m.packed = view
+        off += size
+    return off
+
+
 def swap_in_packed_layers(model: nn.Module, stored: dict[str, int], tied_embedding: str | None = None,
                           tied_output: str | None = None) -> list[str]:
     """Replace every nn.Linear (and nn.Embedding) whose checkpoint matrices are all stored in

@@ -193,3 +193,31 @@ def test_safetensors_checkpoint_quantized_to_q8_0_at_load(tiny_tokenizer, tmp_pa
     ours, full = paged_logits(packed, prompt), paged_logits(ref, prompt)
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
     assert _kl(full, ours).mean() < 0.02
+
+
+def test_packed_weights_placed_in_one_huge_page_stream(tiny_tokenizer, tmp_path):
+    from metroline.platform import HUGE_PAGE, huge_page_buffer
+    from metroline.quant.packed import place_packed_weights
+
+    buf = huge_page_buffer(3 * HUGE_PAGE + 5)
+    assert buf.numel() == 3 * HUGE_PAGE + 5 and buf.data_ptr() % HUGE_PAGE == 0
+    assert int(buf.sum()) == 0
+    buf[-1] = 7
+    assert int(buf[-1]) == 7
+
+    tok = tiny_tokenizer[1]
+    path = tmp_path / "tiny-q4.gguf"
+    write_tiny_gguf(path, tok, Q.Q4_1, tied=True, seed=5)
+    loaded = load_model(str(path), device="cpu", show_progress=False, weights="packed")
+    layers = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    # The loader put them in one buffer, in forward order, each 64-byte aligned.
+    ptrs = [m.packed.data_ptr() for m in layers]
+    assert ptrs == sorted(ptrs) and all(p % 64 == 0 for p in ptrs)
+    assert len({m.packed.untyped_storage().data_ptr() for m in layers}) == 1
+    prompt = _tiny_prompt(tok, 30)
+    before = paged_logits(loaded, prompt)
+    old = [m.packed.clone() for m in layers]
+    placed = place_packed_weights(loaded.model, lambda n: torch.zeros(n, dtype=torch.uint8))
+    assert placed >= sum(m.packed.numel() for m in layers)
+    assert all(torch.equal(m.packed, o) for m, o in zip(layers, old))
+    assert torch.equal(paged_logits(loaded, prompt), before)
