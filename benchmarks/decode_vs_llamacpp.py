@@ -26,10 +26,12 @@ Per round and engine:
 llama-server's own log timings ('eval time') of the single-stream chats are kept in the JSON
 as a cross-check of the client-side rate (`single.server_eval_tok_s`).
 
-Also, once at the start: CPU model and SIMD flags, and the read bandwidth (a torch sum over
-1 GiB with --threads threads, metroline.bench.hardware.measure_bandwidth); the bandwidth
-roofline fraction = metroline's batch-1 decode tok/s x bytes read per token / bandwidth, the
-bytes from the server's start-up banner ("NN MB read per token"), else the GGUF's size.
+Also: CPU model and SIMD flags; the read bandwidth (a torch sum over 1 GiB with --threads
+threads, metroline.bench.hardware.measure_bandwidth) at the start and again just before each
+metroline round, since on this shared machine it drifts by 1.5x within minutes (29-50 GB/s
+in one session); the bandwidth roofline fraction of a round = metroline's batch-1 decode
+tok/s x bytes read per token / the bandwidth measured before it, the bytes from the server's
+start-up banner ("NN MB read per token"), else the GGUF's size; overall, the median over rounds.
 
 Targets (metroline / llama-server): single-stream >= 1.0x, 16 streams >= 2.0x, prefill TTFT
 <= 1.0x (lower is better), RSS <= 1.5x; roofline fraction >= 60%.
@@ -665,13 +667,18 @@ def summarize(result: dict) -> None:
         vals = {k: [rd[e][k] for rd in rounds if rd.get(e) and rd[e].get(k) is not None] for k in FIGURES}
         figs[e] = {k: statistics.median(v) for k, v in vals.items() if v} or None
     bpt = result["bytes_per_token"]["value"]
-    bw = result["bandwidth_bytes_s"]
-    roof = None
-    if figs.get(METRO) and figs[METRO].get("decode_tok_s") and bpt and bw:
-        roof = figs[METRO]["decode_tok_s"] * bpt / bw
+    # Every bandwidth measurement of the run (start, and before each metroline round).
+    bws = [result["bandwidth_bytes_s"]] + [rd[METRO]["bandwidth_bytes_s"] for rd in rounds
+                                           if rd.get(METRO) and rd[METRO].get("bandwidth_bytes_s")]
+    bw = statistics.median(bws)
+    result["bandwidth_bytes_s_measured"] = bws
+    fracs = [rd["roofline_fraction"] for rd in rounds if rd.get("roofline_fraction")]
+    roof = statistics.median(fracs) if fracs else None
     rats = {k: ratio(k, figs.get(METRO), figs.get(LLAMA)) for k in FIGURES}
     result["overall"] = {
-        "how": "median over rounds of each round's figure; ratios are metroline / llama-server",
+        "how": "median over rounds of each round's figure; ratios are metroline / llama-server; "
+               "roofline: median over rounds of decode tok/s x bytes per token / the bandwidth "
+               "measured just before that round",
         "figures": figs, "ratios": rats,
         "roofline_fraction": roof,
         "llama_roofline_fraction_same_bytes": (figs[LLAMA]["decode_tok_s"] * bpt / bw
@@ -795,7 +802,7 @@ def main(argv=None) -> int:
 
     machine = cpu_summary()
     log(f"CPU: {machine['cpu']}, {machine['cores']} cores, SIMD: {' '.join(machine['simd_flags'])}")
-    if "avx512f" in machine["simd_flags"]:
+    if "avx512f" in machine["simd_flags"] and "METROLINE_PEERS" not in os.environ:
         log("note: the llama.cpp build in shared/peers is AVX2-only (see its README); on this "
             "AVX-512 machine it under-serves llama.cpp unless rebuilt with build-llama-cpp.sh")
     quiet0 = wait_for_quiet(args.max_load, args.max_wait)
@@ -840,7 +847,13 @@ def main(argv=None) -> int:
                 load = wait_for_quiet(args.max_load, args.max_wait)
                 log(f"load average before: {load['load_avg']} (waited {load['waited_s']} s)")
                 fn = llama_round if e == LLAMA else metroline_round
+                # The read bandwidth drifts by 1.5x over minutes on this shared machine: the
+                # roofline of a round is taken against what was measured just before it.
+                round_bw = measure_bandwidth(args.threads) if e == METRO else None
                 rd[e] = {"load_before": load, **fn(args, gguf, tok, work, r)}
+                if round_bw:
+                    rd[e]["bandwidth_bytes_s"] = round_bw
+                    log(f"read bandwidth before this round: {round_bw / 1e9:.1f} GB/s")
                 rd[e]["load_after"] = _load()
                 if e == METRO and result["bytes_per_token"]["value"] is None:
                     mb = rd[e].get("mb_read_per_token")
@@ -850,7 +863,8 @@ def main(argv=None) -> int:
                 time.sleep(3.0)  # the stopped server's threads gone before the next starts
             rd["ratios"] = {k: ratio(k, rd.get(METRO), rd.get(LLAMA)) for k in FIGURES}
             bpt = result["bytes_per_token"]["value"]
-            rd["roofline_fraction"] = rd[METRO]["decode_tok_s"] * bpt / bw if bpt else None
+            rd["roofline_fraction"] = (rd[METRO]["decode_tok_s"] * bpt / rd[METRO].get("bandwidth_bytes_s", bw)
+                                       if bpt else None)
             loads = "  ".join(f"{e} {rd[e]['load_before']['load_avg'][0]:.2f}" for e in engines
                               if rd[e]["load_before"]["load_avg"])
             log(table({e: rd.get(e) for e in ENGINES}, rd["ratios"], rd["roofline_fraction"],

@@ -146,3 +146,22 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
         whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
     start = (-whole.data_ptr()) % HUGE_PAGE
     return whole[start:start + nbytes]
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Loading frees ~100 MB of temporaries (GGUF rows before repacking, the packed bytes before
+    they move to the huge-page buffer) that glibc keeps in its heap, so the server's resident
+    memory would count them: measured 532 -> 457 MB for the default model."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)

@@ -21,7 +21,8 @@ from metroline.errors import ModelLoadError
 from metroline.model.default import DEFAULT_MODEL_NAME, default_model_path
 from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
 from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
-from metroline.platform import huge_page_buffer, resolve_device, resolve_dtype, resolve_weights
+from metroline.platform import (huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
+                                resolve_weights)
 from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, place_packed_weights, swap_in_packed_layers
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
@@ -393,6 +394,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         raise ModelLoadError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
     if dev.type == "cpu":  # one huge-page stream instead of 4 KiB pages scattered over the heap
         place_packed_weights(net, huge_page_buffer)
+        release_free_memory()
     net.eval().requires_grad_(False)
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
                        _describe_weights(net, held), _decode_weight_bytes(net))

@@ -144,3 +144,12 @@ def test_bad_arguments_raise_clear_errors(default_loaded):
     with pytest.raises(RuntimeError, match="layer 0 qkv"):
         call(klayers.LayerStack(swapped, stack.fmts, stack.k_caches, stack.v_caches, stack.num_heads,
                                 stack.num_kv_heads, stack.intermediate_size))
+
+
+def test_thread_policy_uses_every_thread_with_decode_layers(default_loaded):
+    from metroline.platform import threads_for_step
+
+    assert threads_for_step(1, 2, whole_step_kernel=True) == 2
+    assert threads_for_step(1, 2) == 1 and threads_for_step(8, 2) == 2  # the op-by-op path
+    llm = LLM(loaded=default_loaded, num_blocks=64, show_progress=False)
+    assert llm.engine.runner._whole_step_kernel == (default_loaded.model._layer_stack([]) is not None)
