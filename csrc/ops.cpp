@@ -208,6 +208,53 @@ std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t isa)
   return {q, d};
 }
 
+// Rows ids of a GGUF-format table (raw [V, K/32 * block bytes]) dequantized to fp32 [T, K],
+// bit-identical to gguf.quants.dequantize (d*q, d*(q-8), d*q + m in fp32): the embedding
+// lookup reads a few rows of the table, never the whole of it.
+at::Tensor embed_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t fmt) {
+  const char* op = "metroline.embed_rows: ";
+  check_fmt(fmt);
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), op,
+              "raw must be a contiguous CPU uint8 tensor [V, row_bytes]");
+  const int64_t rb = raw_block_bytes(int(fmt)), V = raw.size(0), row_bytes = raw.size(1);
+  TORCH_CHECK(row_bytes > 0 && row_bytes % rb == 0, op, "row_bytes ", row_bytes, " is not a multiple of ", rb);
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1, op,
+              "ids must be an int64 CPU vector");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t T = idc.size(0), nb = row_bytes / rb, K = nb * QK;
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(id[t] >= 0 && id[t] < V, op, "token id ", id[t], " is outside the table's ", V, " rows");
+  at::Tensor out = at::empty({T, K}, raw.options().dtype(at::kFloat));
+  const uint8_t* base = raw.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+  auto half = [](const uint8_t* p) { return fp16_to_fp32(uint16_t(p[0] | p[1] << 8)); };
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* row = base + id[t] * row_bytes;
+      float* dst = y + t * K;
+      for (int64_t b = 0; b < nb; ++b, row += rb, dst += QK) {
+        const float d = half(row);
+        if (fmt == Q8_0) {
+          for (int j = 0; j < QK; ++j) dst[j] = d * float(int8_t(row[2 + j]));
+        } else if (fmt == Q4_0) {
+          for (int j = 0; j < 16; ++j) {
+            dst[j] = d * float(int(row[2 + j] & 15) - 8);
+            dst[16 + j] = d * float(int(row[2 + j] >> 4) - 8);
+          }
+        } else {
+          const float m = half(row + 2);
+          for (int j = 0; j < 16; ++j) {
+            dst[j] = d * float(row[4 + j] & 15) + m;
+            dst[16 + j] = d * float(row[4 + j] >> 4) + m;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 std::string cpu_isa() { return isa_name(best_isa()); }
 
 std::string cpu_features() {
@@ -247,6 +294,8 @@ TORCH_LIBRARY(metroline, m) {
   // x [..., K] float32 -> y [..., N]
   m.def("qmatmul(Tensor x, Tensor packed, int fmt, int N, int K, int isa=-1) -> Tensor");
   m.def("quantize_q8(Tensor x, int isa=-1) -> (Tensor, Tensor)");
+  // raw GGUF rows [V, row_bytes], ids [T] -> fp32 [T, K]
+  m.def("embed_rows(Tensor raw, Tensor ids, int fmt) -> Tensor");
   m.def("cpu_isa() -> str", &metroline::cpu_isa);
   m.def("cpu_features() -> str", &metroline::cpu_features);
   m.def("packed_nbytes(int fmt, int N, int K) -> int", &metroline::packed_nbytes);
@@ -258,4 +307,5 @@ TORCH_LIBRARY_IMPL(metroline, CPU, m) {
   m.impl("dequant", &metroline::dequant);
   m.impl("qmatmul", &metroline::qmatmul);
   m.impl("quantize_q8", &metroline::quantize_q8);
+  m.impl("embed_rows", &metroline::embed_rows);
 }

@@ -251,25 +251,28 @@ class CpuPagedAttentionBackend(AttentionBackend):
                                          self.kv_cache_dtype, device)
 
     def build_metadata(self, seqs, block_size, device):
+        # Plain lists, then one tensor each: this runs every step, ~5 tensors for any batch.
         slot_mapping: list[int] = []
         positions: list[int] = []
         qsl = [0]
         ctx = []
-        max_blocks = 1
+        rows = []
         for s in seqs:
-            end = s.start_pos + s.num_new_tokens
-            slot_mapping += _slots_of(s.block_ids, s.start_pos, end, block_size)
-            positions += range(s.start_pos, end)
-            qsl.append(qsl[-1] + s.num_new_tokens)
+            start, end = s.start_pos, s.start_pos + s.num_new_tokens
+            if end - start == 1:  # a decode
+                slot_mapping.append(s.block_ids[start // block_size] * block_size + start % block_size)
+                positions.append(start)
+            else:
+                slot_mapping += _slots_of(s.block_ids, start, end, block_size)
+                positions += range(start, end)
+            qsl.append(end - start + qsl[-1])
             ctx.append(end)
-            max_blocks = max(max_blocks, -(-end // block_size))
-        table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            n = -(-ctx[i] // block_size)
-            table[i, :n] = torch.as_tensor(list(s.block_ids[:n]), dtype=torch.int32)
+            rows.append(list(s.block_ids[:-(-end // block_size)]))
+        width = max([len(r) for r in rows] + [1])
+        table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
         return PagedMetadata(torch.tensor(slot_mapping, dtype=torch.int64, device=device),
                              torch.tensor(positions, dtype=torch.int64, device=device),
-                             table.to(device), torch.tensor(ctx, dtype=torch.int32, device=device),
+                             table.view(len(seqs), width), torch.tensor(ctx, dtype=torch.int32, device=device),
                              torch.tensor(qsl, dtype=torch.int32, device=device), block_size)
 
     def forward(self, q, k, v, kv_cache, meta, scale, rope=None):

@@ -150,16 +150,25 @@ class AsyncEngine:
             if fut.set_running_or_notify_cancel():
                 fut.set_result(self.core.release_session(rid))
 
-    def _deliver(self, out) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        if out.finished:
-            self._streams.pop(out.request_id, None)
-        if not _post(stream, out) and not out.finished:
-            # The caller's event loop is closed: nobody will read this stream again.
-            self._streams.pop(out.request_id, None)
-            self.core.abort_request(out.request_id)
+    def _deliver(self, outs) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step
+        (a self-pipe write, and a GIL hand-over), not one per request."""
+        by_loop: dict = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody will read these streams again
+                for _, out in items:
+                    if not out.finished:
+                        self._streams.pop(out.request_id, None)
+                        self.core.abort_request(out.request_id)
 
     def _loop(self) -> None:
         try:
@@ -176,8 +185,7 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                 if self.core.has_unfinished_requests():
-                    for out in self.core.step():
-                        self._deliver(out)
+                    self._deliver(self.core.step())
         except BaseException as e:  # engine death: report it truthfully and fail every stream
             logger.exception("engine loop died")
             self.dead_error = e
@@ -202,6 +210,11 @@ class AsyncEngine:
                 break
             if fut is not None:
                 _fail_future(fut, err)
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _post(stream: _Stream, item) -> bool:

@@ -82,8 +82,11 @@ class ModelRunner:
                             self.backend, meta, self.kv_caches)
         if not logit_rows:
             return out
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if len(logit_rows) == len(input_ids):  # every row (a batch of plain decodes): no gather
+            logits = self.model.compute_logits(hidden)
+        else:
+            rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         row_reqs = [s.request for s, _ in sampling for _ in range(s.num_logits)]
         results = self.sampler(logits, row_reqs)
         for s, first in sampling:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 __all__ = [
     "Fmt", "Q4_0", "Q4_1", "Q8_0", "GROUP", "BLOCK",
     "available", "unavailable_reason", "cpu_isa", "cpu_features", "force_isa",
-    "packed_nbytes", "repack", "unpack", "dequant", "qmatmul", "quantize_q8",
+    "packed_nbytes", "repack", "unpack", "dequant", "qmatmul", "quantize_q8", "embed_rows_op",
     "repack_torch", "unpack_torch", "dequant_torch", "qmatmul_torch", "quantize_q8_torch",
 ]
 
@@ -71,6 +71,11 @@ if _ops is not None:
     @torch.library.register_fake("metroline::qmatmul")
     def _qmatmul_fake(x, packed, fmt, N, K, isa=-1):
         return x.new_empty((*x.shape[:-1], N))
+
+    @torch.library.register_fake("metroline::embed_rows")
+    def _embed_rows_fake(raw, ids, fmt):
+        row_bytes = raw.shape[1]
+        return raw.new_empty((ids.shape[0], row_bytes // _RAW_BLOCK_BYTES[Fmt(fmt)] * BLOCK), dtype=torch.float32)
 
     @torch.library.register_fake("metroline::dequant")
     def _dequant_fake(packed, fmt, N, K):
@@ -194,6 +199,17 @@ def dequant(packed: torch.Tensor, fmt, N: int, K: int) -> torch.Tensor:
         _fallback("dequant")
         return dequant_torch(packed, fmt, N, K)
     return _ops.dequant(packed, int(fmt), N, K)
+
+
+def embed_rows_op():
+    """The compiled embed_rows(raw, ids, fmt) op (GGUF rows -> fp32, bit-identical to
+    gguf.quants.dequantize), or None without it (quant.packed then dequantizes with torch ops)."""
+    if _ops is None:
+        return None
+    try:
+        return _ops.embed_rows.default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def qmatmul(x: torch.Tensor, packed: torch.Tensor, fmt, N: int, K: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 import metroline.kernels as kernels
 
 _qmatmul_op = torch.ops.metroline.qmatmul.default if kernels.available() else None
+_embed_rows_op = kernels.embed_rows_op()
 
 # GGUF type numbers (gguf.GGMLQuantizationType) the packed kernels compute on.
 PACKABLE = {int(f): f for f in kernels.Fmt}
@@ -116,8 +117,12 @@ class PackedEmbedding(nn.Module):
         return {f"{prefix}.weight"}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.raw.index_select(0, ids.reshape(-1))
-        return dequantize_rows(rows, self.fmt, self.embedding_dim).reshape(*ids.shape, -1)
+        flat = ids.reshape(-1)
+        if _embed_rows_op is not None and self.raw.is_cpu and flat.dtype is torch.int64:
+            out = _embed_rows_op(self.raw, flat, self.fmt)  # one C++ call, not ~8 torch ops
+        else:
+            out = dequantize_rows(self.raw.index_select(0, flat), self.fmt, self.embedding_dim)
+        return out.reshape(*ids.shape, -1)
 
 
 def dequantize_rows(rows: torch.Tensor, fmt: int, K: int) -> torch.Tensor:

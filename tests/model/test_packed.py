@@ -81,6 +81,12 @@ def test_dequantize_rows_matches_gguf(fmt):
     want = dequantize(raw, Q(int(fmt)))
     got = dequantize_rows(torch.from_numpy(raw), int(fmt), 96)
     assert torch.equal(got, torch.from_numpy(want))
+    op = kernels.embed_rows_op()
+    if op is not None:  # the compiled lookup: any rows, repeats, in any order
+        ids = torch.tensor([6, 0, 3, 3, 1])
+        assert torch.equal(op(torch.from_numpy(raw), ids, int(fmt)), torch.from_numpy(want)[ids])
+        with pytest.raises(RuntimeError, match="outside the table"):
+            op(torch.from_numpy(raw), torch.tensor([7]), int(fmt))
 
 
 @pytest.fixture(scope="module")
