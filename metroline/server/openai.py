@@ -22,7 +22,7 @@ from metroline.engine.request import RequestHints
 from metroline.errors import InvalidRequestError
 from metroline.server.protocol import (CHAT_ROLES, MAX_PROMPTS, APIError, ChatCompletionRequest,
                                        ChatMessage, CompletionRequest, DetokenizeRequest,
-                                       TokenizeRequest, bad_request, to_sampling_params)
+                                       TokenizeRequest, bad_request, grammar_spec, to_sampling_params)
 from metroline.server.runs import ClientDisconnected, Run
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -52,6 +52,26 @@ def _state(request: Request):
 
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _constrain(state, body, params) -> None:
+    """Compile the request's grammar, if any, at admission (off the event loop; cached by
+    text) and hand the engine its logits processor. A bad grammar is a 400 here, never an
+    error inside the engine loop."""
+    spec = grammar_spec(body)
+    if spec is None:
+        return
+    from metroline.structured import GrammarError, available, compile_grammar
+
+    ok, why = available()
+    if not ok:
+        raise bad_request(f"structured outputs are not available: {why}", "response_format")
+    param = "response_format" if spec.kind.startswith("json") else {"lark": "grammar"}.get(spec.kind, spec.kind)
+    try:
+        compiled = await asyncio.to_thread(compile_grammar, state.tokenizer, spec)
+    except GrammarError as e:
+        raise bad_request(str(e), param) from None
+    params.logits_processors = [*params.logits_processors, compiled.processor()]
 
 
 def _check_model(state, model: str | None) -> str:
@@ -289,6 +309,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                                     vocab_size=state.vocab_size)
+        await _constrain(state, body, params)
         prompts = await _completion_prompts(state, body.prompt)
         if len(prompts) * params.n > 128:
             raise bad_request("len(prompt) * n must be at most 128", "n")
@@ -403,9 +424,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             raise bad_request("tool calling is not supported yet", "tools")
         if body.tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice is not supported yet", "tool_choice")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise bad_request("response_format other than text is not supported yet",
-                              "response_format")
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         if body.top_logprobs is not None and not body.logprobs:
@@ -418,6 +436,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             else {})
         params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
                                     vocab_size=state.vocab_size, param_names=param_names)
+        await _constrain(state, body, params)
         text = _render_chat(state, body.messages, body.add_generation_prompt,
                             body.chat_template_kwargs)
         prompt = await _encode(state, text, False)

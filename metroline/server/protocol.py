@@ -105,6 +105,12 @@ class _SamplingRequest(_Body):
     session_id: str | None = None
     cache_salt: str | None = None
     kv_retention_s: float | None = None
+    # Structured outputs: OpenAI's response_format, and extensions constraining the output to
+    # a regex, a Lark grammar or one of a list of strings (at most one of the four).
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -131,7 +137,6 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -206,6 +211,40 @@ def to_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
         param, message = renamed_param(e, param_names)
         raise bad_request(message, param, e.code) from None
     return params
+
+
+def grammar_spec(req: _SamplingRequest):
+    """The request's structured-output constraint (metroline.structured.GrammarSpec) or None;
+    APIError(400) for a malformed or ambiguous one."""
+    from metroline.structured import GrammarError, GrammarSpec
+
+    given = [name for name in ("regex", "grammar", "choice") if getattr(req, name) is not None]
+    rf = req.response_format
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if rf is not None and (not isinstance(rf, dict) or kind not in ("text", "json_object", "json_schema")):
+        raise bad_request("response_format.type must be one of text, json_object, json_schema", "response_format")
+    if kind in ("json_object", "json_schema"):
+        given.insert(0, "response_format")
+    if len(given) > 1:
+        raise bad_request(f"give at most one of response_format (json), regex, grammar, choice; got "
+                          f"{', '.join(given)}", given[1])
+    try:
+        if kind == "json_object":
+            return GrammarSpec.json_object()
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
+            return GrammarSpec.json_schema(js["schema"])
+        if req.regex is not None:
+            return GrammarSpec.regex(req.regex)
+        if req.grammar is not None:
+            return GrammarSpec.lark(req.grammar)
+        if req.choice is not None:
+            return GrammarSpec.choice(req.choice)
+    except GrammarError as e:
+        raise bad_request(str(e), given[0]) from None
+    return None
 
 
 def renamed_param(e: InvalidRequestError, param_names: dict[str, str] | None) -> tuple[str | None, str]:

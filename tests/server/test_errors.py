@@ -70,7 +70,9 @@ def test_completion_bad_params(client, kwargs, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"regex": "a+"}}, "regex"),
     ({"max_completion_tokens": -3}, "max_completion_tokens"),
 ])
 def test_chat_bad_params(client, kwargs, param):
