@@ -20,6 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from metroline.engine.request import RequestHints
 from metroline.errors import InvalidRequestError
+from metroline.structured import GrammarError, GrammarSpec, available, compile_grammar
+from metroline.structured.tools import (ToolCallStreamParser, parse_tool_calls, parse_tools, render_messages,
+                                        resolve_tool_choice, tool_call_grammar)
 from metroline.server.protocol import (CHAT_ROLES, MAX_PROMPTS, APIError, ChatCompletionRequest,
                                        ChatMessage, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, bad_request, grammar_spec, to_sampling_params)
@@ -54,19 +57,24 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _constrain(state, body, params) -> None:
+async def _constrain(state, body, params, tool_grammar: str | None = None) -> None:
     """Compile the request's grammar, if any, at admission (off the event loop; cached by
     text) and hand the engine its logits processor. A bad grammar is a 400 here, never an
     error inside the engine loop."""
     spec = grammar_spec(body)
+    if tool_grammar is not None:
+        if spec is not None:
+            raise bad_request("tools (with tool_choice other than none) cannot be combined with "
+                              "response_format, regex, grammar or choice", "tool_choice")
+        spec = GrammarSpec.lark(tool_grammar)
     if spec is None:
         return
-    from metroline.structured import GrammarError, available, compile_grammar
 
     ok, why = available()
     if not ok:
         raise bad_request(f"structured outputs are not available: {why}", "response_format")
-    param = "response_format" if spec.kind.startswith("json") else {"lark": "grammar"}.get(spec.kind, spec.kind)
+    param = ("tools" if tool_grammar is not None else "response_format" if spec.kind.startswith("json")
+             else {"lark": "grammar"}.get(spec.kind, spec.kind))
     try:
         compiled = await asyncio.to_thread(compile_grammar, state.tokenizer, spec)
     except GrammarError as e:
@@ -219,7 +227,7 @@ async def retrieve_model(model: str, request: Request) -> dict:
 # ---------------------------------------------------------------------------- tokenizer
 
 def _render_chat(state, messages: list[ChatMessage], add_generation_prompt: bool,
-                 extra: dict | None = None) -> str:
+                 extra: dict | None = None, tools: list | None = None, use_tools: bool = False) -> str:
     if not messages:
         raise bad_request("messages must contain at least one message", "messages")
     chat = []
@@ -239,6 +247,8 @@ def _render_chat(state, messages: list[ChatMessage], add_generation_prompt: bool
                 parts.append(part["text"])
             msg["content"] = "\n".join(parts)
         chat.append(msg)
+    if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in chat):
+        chat = render_messages(chat, tools or [], use_tools)  # the documented tool-call format
     kwargs = dict(extra or {})
     clash = {"messages", "add_generation_prompt", "tools"} & kwargs.keys()
     if clash:
@@ -420,10 +430,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     try:
         state.check_admitting()
         model = _check_model(state, body.model)
-        if body.tools:
-            raise bad_request("tool calling is not supported yet", "tools")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported yet", "tool_choice")
+        try:
+            tools = parse_tools(body.tools)
+            tool_mode, tool_name = resolve_tool_choice(body.tool_choice, tools)
+        except GrammarError as e:
+            raise bad_request(str(e), e.param) from None
+        use_tools = bool(tools) and tool_mode != "none"
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         if body.top_logprobs is not None and not body.logprobs:
@@ -436,9 +448,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             else {})
         params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
                                     vocab_size=state.vocab_size, param_names=param_names)
-        await _constrain(state, body, params)
+        await _constrain(state, body, params, tool_grammar=(
+            tool_call_grammar(tools, tool_mode, tool_name, body.parallel_tool_calls is not False)
+            if use_tools else None))
         text = _render_chat(state, body.messages, body.add_generation_prompt,
-                            body.chat_template_kwargs)
+                            body.chat_template_kwargs, tools, use_tools)
         prompt = await _encode(state, text, False)
         rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         texts = _texts(state) if body.logprobs else None
@@ -450,7 +464,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise
     if body.stream:
         gen = _chat_stream(state, run, [prompt], rid, created, model, n, texts,
-                           body.stream_options is not None and body.stream_options.include_usage)
+                           body.stream_options is not None and body.stream_options.include_usage, use_tools)
         return _SSEResponse(gen, run)
 
     pieces: list[list[str]] = [[] for _ in range(n)]
@@ -470,31 +484,62 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise
     finally:
         run.close()
-    choices = [{"index": c, "message": {"role": "assistant", "content": "".join(pieces[c])},
-                "logprobs": _chat_logprobs(texts, entries[c]) if texts is not None else None,
-                "finish_reason": finish[c], "stop_reason": stop_reason[c]} for c in range(n)]
+    choices = []
+    for c in range(n):
+        message = {"role": "assistant", "content": "".join(pieces[c])}
+        if use_tools:
+            content, calls = parse_tool_calls(message["content"])
+            if calls:  # only whole calls: one cut short by max_tokens stays text
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [call.to_openai() for call in calls]}
+                if finish[c] == "stop":
+                    finish[c] = "tool_calls"
+        choices.append({"index": c, "message": message,
+                        "logprobs": _chat_logprobs(texts, entries[c]) if texts is not None else None,
+                        "finish_reason": finish[c], "stop_reason": stop_reason[c]})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                          "model": model, "choices": choices, "usage": _usage(run, [prompt])})
 
 
-async def _chat_choices(run: Run, n: int, texts: TokenTexts | None) -> AsyncIterator[dict]:
+async def _chat_choices(run: Run, n: int, texts: TokenTexts | None, use_tools: bool = False) -> AsyncIterator[dict]:
     for c in range(n):
         yield {"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                "finish_reason": None}
+    parsers = [ToolCallStreamParser() for _ in range(n)] if use_tools else None
+    num_calls = [0] * n
     async for _, out in run.events():
         for o in out.outputs:
             if not (o.text or o.finish_reason or o.logprobs):
                 continue
-            yield _with_stop_reason({
-                "index": o.index, "delta": {"content": o.text} if o.text else {},
-                "logprobs": _chat_logprobs(texts, o.logprobs) if texts is not None and o.logprobs else None,
-                "finish_reason": o.finish_reason}, o)
+            lp = _chat_logprobs(texts, o.logprobs) if texts is not None and o.logprobs else None
+            if parsers is None:
+                yield _with_stop_reason({"index": o.index, "delta": {"content": o.text} if o.text else {},
+                                         "logprobs": lp, "finish_reason": o.finish_reason}, o)
+                continue
+            # Tool calls: text outside the tags streams as content; each call goes out whole,
+            # as one tool_calls delta (id, name, arguments), once its closing tag arrived.
+            content, calls = parsers[o.index].feed(o.text)
+            if o.finish_reason:
+                rest, more = parsers[o.index].finish()  # an unfinished call is text
+                content, calls = content + rest, calls + more
+            delta: dict = {}
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [call.to_openai(index=num_calls[o.index] + k) for k, call in enumerate(calls)]
+                num_calls[o.index] += len(calls)
+            finish = o.finish_reason
+            if finish == "stop" and num_calls[o.index]:
+                finish = "tool_calls"
+            if delta or finish or lp:
+                yield _with_stop_reason({"index": o.index, "delta": delta, "logprobs": lp,
+                                         "finish_reason": finish}, o)
 
 
 def _chat_stream(state, run: Run, prompts, rid, created, model, n,
-                 texts: TokenTexts | None, include_usage: bool) -> AsyncIterator[bytes]:
+                 texts: TokenTexts | None, include_usage: bool, use_tools: bool = False) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    return _sse_stream(state, run, prompts, base, include_usage, _chat_choices(run, n, texts))
+    return _sse_stream(state, run, prompts, base, include_usage, _chat_choices(run, n, texts, use_tools))
 
 
 async def delete_session(session_id: str, request: Request) -> dict:

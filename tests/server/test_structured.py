@@ -93,3 +93,87 @@ def test_bad_grammars_are_400_and_the_server_keeps_serving(client, extra, param)
     assert e.value.body["type"] == "invalid_request_error"
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert r.choices[0].message.content is not None
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _calls(message):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_tool_calls_required_and_named(client, choice, temperature):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=choice,
+                                       max_tokens=80, temperature=temperature, seed=5, parallel_tool_calls=False)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    calls = _calls(c.message)
+    assert len(calls) == 1 and c.message.tool_calls[0].id.startswith("call_")
+    name, args = calls[0]
+    if isinstance(choice, dict):
+        assert name == "get_weather"
+    if name == "get_weather":
+        jsonschema.validate(args, WEATHER["function"]["parameters"])
+    else:
+        assert name == "get_time" and args == {}
+
+
+def test_tool_calls_streamed_equal_non_streamed_and_history(client):
+    args = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0,
+                parallel_tool_calls=False)
+    whole = client.chat.completions.create(**args).choices[0].message
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    deltas = [d.delta for d in (c.choices[0] for c in chunks if c.choices)]
+    streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in streamed] == _calls(whole)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # The call and its result go back as history; the next turn answers in text.
+    call = whole.tool_calls[0]
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=20, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+
+
+def test_truncated_call_is_never_presented_as_complete(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=6, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.tool_calls is None
+    assert c.message.content.startswith("<tool_call>")
+
+
+def test_auto_gives_text_or_valid_calls(client):
+    for content in ("What is the weather in Rome?", "Say hello."):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                           tools=[WEATHER, CLOCK], max_tokens=60, temperature=0)
+        c = r.choices[0]
+        if c.message.tool_calls:
+            assert c.finish_reason == "tool_calls"
+            for name, args in _calls(c.message):
+                assert name in ("get_weather", "get_time") and isinstance(args, dict)
+        else:
+            assert not (c.message.content or "").startswith("<")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}],
+      "tool_choice": "required"}, "tools"),
+])
+def test_bad_tools_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body=extra)
+    assert e.value.param == param, e.value.body
