@@ -166,8 +166,12 @@ class Run:
             raise self._error
         self._note(i, item)
         if item.error:
-            err = APIError(500, f"generation failed: {item.error}", "server_error", None,
-                           "generation_failed")
+            if "GrammarError" in item.error:  # the request's grammar led nowhere: its input, not us
+                err = APIError(400, f"the output cannot follow the requested grammar: {item.error}",
+                               "invalid_request_error", None, "grammar_failed")
+            else:
+                err = APIError(500, f"generation failed: {item.error}", "server_error", None,
+                               "generation_failed")
             self.kill(err)
             raise err
         return i, item

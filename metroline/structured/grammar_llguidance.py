@@ -149,7 +149,12 @@ class GrammarProcessor(LogitsProcessor):
         if m.is_error():
             raise GrammarError(f"grammar matcher failed: {m.get_error()}")
         m.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
-        return ((self._words.unsqueeze(1) >> _SHIFTS) & 1).view(-1).bool()
+        if m.is_error():
+            raise GrammarError(f"grammar matcher failed: {m.get_error()}")
+        allowed = ((self._words.unsqueeze(1) >> _SHIFTS) & 1).view(-1).bool()
+        if not bool(allowed.any()):
+            raise GrammarError("the grammar allows no next token with this model's vocabulary")
+        return allowed
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         allowed = self.allowed()
