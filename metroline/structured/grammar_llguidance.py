@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from metroline.engine.processors import LogitsProcessor
@@ -124,7 +125,6 @@ class LLGuidanceGrammar:
         return self.backend._ll.LLMatcher(self.backend.ll_tokenizer, self.text, log_level=0)
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarProcessor(LogitsProcessor):
@@ -151,7 +151,9 @@ class GrammarProcessor(LogitsProcessor):
         m.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
         if m.is_error():
             raise GrammarError(f"grammar matcher failed: {m.get_error()}")
-        allowed = ((self._words.unsqueeze(1) >> _SHIFTS) & 1).view(-1).bool()
+        # Bit j of little-endian word w is token 32w + j: numpy unpacks the bytes lowest bit
+        # first in one pass (~10 us for 49k tokens; shifting int32 words in torch is ~100).
+        allowed = torch.from_numpy(np.unpackbits(self._words.numpy().view(np.uint8), bitorder="little")).view(torch.bool)
         if not bool(allowed.any()):
             raise GrammarError("the grammar allows no next token with this model's vocabulary")
         return allowed
