@@ -111,3 +111,25 @@ def test_fork_accept_rollback(tok):
     assert torch.equal(a.allowed(), after)
     with pytest.raises(GrammarError, match="rejected"):
         b.accept(tok.encode("hello", add_special_tokens=False))  # not JSON: the matcher refuses
+
+
+def test_grammar_state_survives_preemption(default_loaded):
+    """Grammar requests in a KV pool too small for all of them: preempted requests recompute
+    their KV and go on; the matcher keeps its state, so every output still validates and
+    equals the output the request gives alone."""
+    from metroline.engine.llm import LLM
+    from metroline.engine.request import SamplingParams
+
+    schema = SCHEMAS[1]
+    tok = default_loaded.tokenizer
+    grammar = compile_grammar(tok, GrammarSpec.json_schema(schema))
+    prompts = [f"Tags for item {i}:" + " and more words" * (6 + 3 * i) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=60, logits_processors=[grammar.processor()])
+    alone = [LLM(loaded=default_loaded, num_blocks=64, show_progress=False).generate([p], params, use_tqdm=False)[0]
+             for p in prompts[:2]]
+    tight = LLM(loaded=default_loaded, num_blocks=12, max_num_seqs=6, show_progress=False)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for o in outs:
+        jsonschema.validate(json.loads(o.outputs[0].text), schema)
+    assert [o.outputs[0].token_ids for o in outs[:2]] == [a.outputs[0].token_ids for a in alone]
