@@ -32,6 +32,29 @@ class LogitsProcessor:
         return copy.deepcopy(self)
 
 
+class MaskingProcessor(LogitsProcessor):
+    """A processor that only forbids tokens (a grammar). The sampler collects a step's masking
+    processors and asks each class for all of its masks in one call (`allowed_batch`, which
+    may compute them in parallel, off the GIL), then applies them in one op, after the
+    request's other processors."""
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean [vocab] row: the tokens that may come next."""
+        raise NotImplementedError
+
+    @classmethod
+    def allowed_batch(cls, processors: Sequence["MaskingProcessor"]) -> torch.Tensor:
+        """Boolean [len(processors), vocab]; default: one at a time."""
+        return torch.stack([p.allowed() for p in processors])
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        allowed = self.allowed()
+        V = logits.shape[-1]
+        if allowed.numel() < V:  # the model's head may be wider than the tokenizer
+            allowed = torch.cat([allowed, allowed.new_zeros(V - allowed.numel())])
+        return logits.masked_fill(~allowed[:V].to(logits.device), float("-inf"))
+
+
 def build_processors(specs: Sequence) -> list:
     """One sample's processors: stateful ones forked, plain functions shared."""
     return [p.fork() if isinstance(p, LogitsProcessor) else p for p in specs]

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from metroline.engine.processors import LogitsProcessor
+from metroline.engine.processors import MaskingProcessor
 from metroline.structured import GrammarError, GrammarSpec
 
 _BACKENDS: dict[int, "LLGuidanceBackend"] = {}
@@ -56,6 +56,31 @@ def _refused_keyword(schema) -> str | None:
     return None
 
 
+_NUMBER_STEP = 1e-6
+_NOT_SCHEMAS = ("enum", "const", "default", "examples", "description", "title", "required", "x-guidance")
+
+
+def _bounded_numbers(schema):
+    """A copy of the schema in which every number without a multipleOf gets multipleOf 1e-6
+    (at most 6 decimals in the output; the value range is unchanged)."""
+    if isinstance(schema, list):
+        return [_bounded_numbers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in _NOT_SCHEMAS:
+            out[k] = v
+        elif k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
+            out[k] = {name: _bounded_numbers(sub) for name, sub in v.items()}
+        else:
+            out[k] = _bounded_numbers(v)
+    t = schema.get("type")
+    if (t == "number" or (isinstance(t, list) and "number" in t)) and "multipleOf" not in schema:
+        out["multipleOf"] = _NUMBER_STEP
+    return out
+
+
 class LLGuidanceBackend:
     def __init__(self, tokenizer, cache_size: int = 256):
         import llguidance
@@ -70,6 +95,15 @@ class LLGuidanceBackend:
         self._cache: OrderedDict[GrammarSpec, "LLGuidanceGrammar"] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
+        self._executor = None
+
+    def executor(self):
+        """llguidance's thread pool for batch masks (made on first use)."""
+        if self._executor is None:
+            from metroline.platform import physical_cores
+
+            self._executor = self._ll.LLExecutor(num_threads=max(1, physical_cores()))
+        return self._executor
 
     def _grammar_text(self, spec: GrammarSpec) -> str:
         M = self._ll.LLMatcher
@@ -81,7 +115,9 @@ class LLGuidanceBackend:
             try:
                 # Fixed separators, no free whitespace: a small model left to choose whitespace
                 # can emit it forever (the grammar would allow that), and clients never need it.
-                return M.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+                # Likewise digits: numbers get at most 6 decimals (measured: 99.9999998999...
+                # until max_tokens at temperature 0.8).
+                return M.grammar_from_json_schema(_bounded_numbers(schema), overrides=_JSON_OPTIONS)
             except (ValueError, TypeError) as e:
                 raise GrammarError(f"invalid JSON schema: {e}") from None
         if spec.kind == "regex":
@@ -127,7 +163,7 @@ class LLGuidanceGrammar:
 
 
 
-class GrammarProcessor(LogitsProcessor):
+class GrammarProcessor(MaskingProcessor):
     """Masks the logits row to the tokens the grammar allows next. The matcher is made on first
     use, so the template a request carries costs nothing until a sample forks it."""
 
@@ -158,12 +194,25 @@ class GrammarProcessor(LogitsProcessor):
             raise GrammarError("the grammar allows no next token with this model's vocabulary")
         return allowed
 
-    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        allowed = self.allowed()
-        V = logits.shape[-1]
-        if allowed.numel() < V:  # the model's head may be wider than the tokenizer
-            allowed = torch.cat([allowed, allowed.new_zeros(V - allowed.numel())])
-        return logits.masked_fill(~allowed[:V].to(logits.device), float("-inf"))
+    @classmethod
+    def allowed_batch(cls, processors) -> torch.Tensor:
+        """All the step's grammar masks in one llguidance call (its threads, off the GIL)."""
+        if len(processors) == 1:
+            return processors[0].allowed().unsqueeze(0)
+        backend = processors[0].grammar.backend
+        for p in processors:
+            if p.grammar.backend is not backend or p.matcher.is_error():
+                raise GrammarError("mixed backends or a failed matcher")  # the caller asks one by one
+        words = processors[0]._words.numel()
+        buf = torch.zeros(len(processors), words, dtype=torch.int32)
+        backend.executor().unsafe_compute_mask_ptr([(p.matcher, k) for k, p in enumerate(processors)],
+                                                   buf.data_ptr(), words * 4, len(processors))
+        if any(p.matcher.is_error() for p in processors):
+            raise GrammarError("a matcher failed")
+        out = torch.from_numpy(np.unpackbits(buf.numpy().view(np.uint8), axis=1, bitorder="little")).view(torch.bool)
+        if not bool(out.any(dim=1).all()):
+            raise GrammarError("a grammar allows no next token")
+        return out
 
     def accept(self, token_ids: Sequence[int]) -> None:
         m = self.matcher

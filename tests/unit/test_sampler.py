@@ -516,3 +516,20 @@ def test_sampling_on_cuda_logits():
     for row in a:
         assert all(row[i] in allowed[i] for i in range(3))
         assert row[3] == int(logits[3].argmax())
+
+
+def test_sampled_frequencies_follow_the_distribution_and_skip_masked_tokens():
+    """Inverse-CDF sampling (one uniform per row): 8000 rows of the same logits draw each token
+    at its probability (within 4 sigma), a masked token never, and a seeded request the same
+    token on every run."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(8000, -1).contiguous()  # log 0 = -inf: masked
+    s = Sampler(5, seed=3)
+    reqs = [req(temperature=1.0) for _ in range(8000)]
+    got = torch.tensor([r.token_id for r in s(logits, reqs)])
+    freq = torch.bincount(got, minlength=5).double() / 8000
+    assert freq[4] == 0
+    sigma = (probs * (1 - probs) / 8000).sqrt()
+    assert ((freq[:4] - probs[:4]).abs() <= 4 * sigma[:4] + 1e-9).all(), freq
+    one = lambda: Sampler(5)(logits[:1], [req(temperature=1.0, seed=42)])[0].token_id  # noqa: E731
+    assert len({one() for _ in range(5)}) == 1

@@ -133,3 +133,59 @@ def test_grammar_state_survives_preemption(default_loaded):
     for o in outs:
         jsonschema.validate(json.loads(o.outputs[0].text), schema)
     assert [o.outputs[0].token_ids for o in outs[:2]] == [a.outputs[0].token_ids for a in alone]
+
+
+def test_batch_masks_equal_one_at_a_time(tok):
+    """allowed_batch (llguidance's executor, all rows in one call) == each row's own mask,
+    for matchers at different points of different grammars."""
+    from metroline.structured.grammar_llguidance import GrammarProcessor
+
+    procs = []
+    for k, (spec, text) in enumerate([(GrammarSpec.json_schema(SCHEMAS[0]), '{"name": "A'),
+                                      (GrammarSpec.json_schema(SCHEMAS[1]), '{"tags": ['),
+                                      (GrammarSpec.regex(r"[0-9]{3}-[a-z]{2}"), "12"),
+                                      (GrammarSpec.json_schema(SCHEMAS[0]), "")]):
+        p = compile_grammar(tok, spec).processor().fork()
+        if text:
+            p.accept(tok.encode(text, add_special_tokens=False))
+        procs.append(p)
+    batch = GrammarProcessor.allowed_batch(procs)
+    assert torch.equal(batch, torch.stack([p.allowed() for p in procs]))
+    assert len({tuple(row.nonzero().flatten().tolist()[:50]) for row in batch}) == 4
+
+
+def test_sampler_masks_grammar_rows_only(tok):
+    """In one batch: two grammar requests and a plain one; the grammar rows' tokens are allowed
+    by their grammars, the plain row samples as if alone."""
+    from metroline.engine.request import Request, SamplingParams
+    from metroline.engine.sampler import Sampler
+
+    g = compile_grammar(tok, GrammarSpec.choice(["yes", "no"]))
+    reqs = [Request("a", [1, 2], SamplingParams(temperature=0, logits_processors=[g.processor()])),
+            Request("b", [1, 2], SamplingParams(temperature=0)),
+            Request("c", [1, 2], SamplingParams(temperature=0, logits_processors=[g.processor()]))]
+    logits = torch.randn(3, tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    res = Sampler(tok.vocab_size)(logits, reqs)
+    allowed = reqs[0].logits_processors[0].allowed()
+    assert allowed[res[0].token_id] and allowed[res[2].token_id]
+    assert res[1].token_id == int(logits[1].argmax())
+    assert all(r.error is None for r in res)
+
+
+def test_numbers_get_bounded_decimals_and_keep_their_range(tok):
+    from metroline.structured.grammar_llguidance import _bounded_numbers
+
+    schema = {"type": "object", "properties": {"x": {"type": "number", "maximum": 5},
+                                               "y": {"type": ["number", "null"]}, "n": {"type": "integer"},
+                                               "m": {"type": "number", "multipleOf": 0.5}},
+              "required": ["x"]}
+    b = _bounded_numbers(schema)
+    assert b["properties"]["x"] == {"type": "number", "maximum": 5, "multipleOf": 1e-6}
+    assert b["properties"]["y"]["multipleOf"] == 1e-6 and "multipleOf" not in b["properties"]["n"]
+    assert b["properties"]["m"]["multipleOf"] == 0.5 and b["required"] == ["x"]
+    assert "multipleOf" not in schema["properties"]["x"]  # the request's schema is left alone
+    one = {"type": "object", "properties": {"s": {"type": "number", "minimum": 0, "maximum": 100}},
+           "required": ["s"], "additionalProperties": False}
+    for seed in range(4):
+        value = json.loads(walk(tok, GrammarSpec.json_schema(one), seed, max_tokens=40))["s"]
+        assert 0 <= value <= 100 and len(repr(value).partition(".")[2]) <= 6
