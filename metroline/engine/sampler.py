@@ -163,8 +163,12 @@ class Sampler:
             rows, m = list(combined), torch.stack(list(combined.values()))
         if m.shape[1] < V:
             m = torch.cat([m, m.new_zeros(m.shape[0], V - m.shape[1])], dim=1)
-        idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        logits[idx] = logits[idx].masked_fill(~m[:, :V].to(logits.device), float("-inf"))
+        forbid = ~m[:, :V].to(logits.device)
+        if rows == list(range(logits.shape[0])):  # every row masked: one in-place op
+            logits.masked_fill_(forbid, float("-inf"))
+        else:  # in place on our own copy, row by row: no gather and scatter of [k, vocab]
+            for r, f in zip(rows, forbid):
+                logits[r].masked_fill_(f, float("-inf"))
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
