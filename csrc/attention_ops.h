@@ -1,6 +1,6 @@
 // The torch-facing pieces of paged decode attention that more than one op needs: the checks
-// of a step's layout (block tables, context lengths, query starts), the work plan and the
-// merge of split items. attention_ops.cpp (one attention call) and layers_ops.cpp (every
+// of a step's layout (positions, slots, caches, block tables, context lengths, query starts),
+// the work plan and the merge of split items. attention_ops.cpp (one attention call) and layers_ops.cpp (every
 // layer of a decode step in one call) both use them, so a layer attends exactly as the
 // standalone op does.
 #pragma once
@@ -16,6 +16,11 @@ namespace metroline {
 
 using AttendFn = void (*)(const PagedAttnArgs&, const AttnItem&, float*);
 AttendFn attend_fn(int vec_isa);
+
+// Checks positions [T] int64 (each a row of the P-row cos/sin tables); returns its data.
+const int64_t* check_positions(const char* op, const at::Tensor& positions, int64_t T, int64_t P);
+// Checks slot_mapping [T] int64 (each a slot of an S-slot cache, or -1); returns its data.
+const int64_t* check_slots(const char* op, const at::Tensor& slot_mapping, int64_t T, int64_t S);
 
 // Checks k_cache / v_cache (one shape [S, Hkv, D] and dtype, fp16 or fp32, contiguous).
 void check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D);

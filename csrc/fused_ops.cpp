@@ -7,6 +7,7 @@
 
 #include <optional>
 
+#include "attention_ops.h"
 #include "fused.h"
 #include "vec_cpu.h"
 
@@ -103,33 +104,12 @@ void rope_kv_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t P = cos.size(0);
   const int64_t* pos = nullptr;
   if (positions.has_value()) {
-    const at::Tensor& p = *positions;
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == T &&
-                    p.is_contiguous(),
-                op, "positions must be a contiguous int64 CPU vector of T = ", T, " entries");
-    pos = p.data_ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t)
-      TORCH_CHECK(pos[t] >= 0 && pos[t] < P, op, "position ", pos[t], " of token ", t, " is outside the ", P,
-                  " rows of cos/sin");
+    pos = check_positions(op, *positions, T, P);
   } else {
     TORCH_CHECK(P >= T, op, "without positions cos/sin need a row per token: ", P, " rows for T = ", T);
   }
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
-                  k_cache.device().is_cpu() && v_cache.device().is_cpu() && k_cache.size(1) == Hkv &&
-                  k_cache.size(2) == D,
-              op, "k_cache and v_cache must be contiguous CPU tensors [S, ", Hkv, ", ", D, "] of one dtype, got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat, op,
-              "the cache must be float16 or float32, got ", k_cache.scalar_type());
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == T && slot_mapping.is_contiguous(),
-              op, "slot_mapping must be a contiguous int64 CPU vector of T = ", T, " entries");
-  const int64_t S = k_cache.size(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(slots[t] >= -1 && slots[t] < S, op, "slot ", slots[t], " of token ", t, " is outside the cache's ",
-                S, " slots (-1 skips)");
+  check_kv_caches(op, k_cache, v_cache, Hkv, D);
+  const int64_t* slots = check_slots(op, slot_mapping, T, k_cache.size(0));
   RopeArgs a;
   a.q = q.data_ptr<float>();
   a.q_tok = q.stride(0);

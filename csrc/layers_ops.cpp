@@ -145,18 +145,8 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
     y.k_cache = k_caches[l].data_ptr();
     y.v_cache = v_caches[l].data_ptr();
   }
-  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.size(0) == T && positions.is_contiguous() && slot_mapping.device().is_cpu() &&
-                  slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == T && slot_mapping.is_contiguous(),
-              op, "positions and slot_mapping must be contiguous int64 CPU vectors of T = ", T, " entries");
-  const int64_t *pos = positions.data_ptr<int64_t>(), *slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < P, op, "position ", pos[t], " of token ", t, " is outside the ", P,
-                " rows of cos/sin");
-    TORCH_CHECK(slots[t] >= -1 && slots[t] < S, op, "slot ", slots[t], " of token ", t,
-                " is outside the cache's ", S, " slots (-1 skips)");
-  }
+  const int64_t* pos = check_positions(op, positions, T, P);
+  const int64_t* slots = check_slots(op, slot_mapping, T, S);
   PagedAttnArgs att;
   check_paged_layout(op, block_tables, context_lens, query_start_loc, T, S, block_size, att);
   if (T == 0) return;
