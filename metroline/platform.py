@@ -5,7 +5,6 @@ backend, the host KV tier, threads. Everything downstream receives concrete valu
 from __future__ import annotations
 
 import os
-
 import warnings
 
 import torch

@@ -259,12 +259,8 @@ class CpuPagedAttentionBackend(AttentionBackend):
         rows = []
         for s in seqs:
             start, end = s.start_pos, s.start_pos + s.num_new_tokens
-            if end - start == 1:  # a decode
-                slot_mapping.append(s.block_ids[start // block_size] * block_size + start % block_size)
-                positions.append(start)
-            else:
-                slot_mapping += _slots_of(s.block_ids, start, end, block_size)
-                positions += range(start, end)
+            slot_mapping += _slots_of(s.block_ids, start, end, block_size)
+            positions += range(start, end)
             qsl.append(end - start + qsl[-1])
             ctx.append(end)
             rows.append(list(s.block_ids[:-(-end // block_size)]))

@@ -48,11 +48,17 @@ class MaskingProcessor(LogitsProcessor):
         return torch.stack([p.allowed() for p in processors])
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        allowed = self.allowed()
-        V = logits.shape[-1]
-        if allowed.numel() < V:  # the model's head may be wider than the tokenizer
-            allowed = torch.cat([allowed, allowed.new_zeros(V - allowed.numel())])
-        return logits.masked_fill(~allowed[:V].to(logits.device), float("-inf"))
+        allowed = fit_mask(self.allowed(), logits.shape[-1])
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def fit_mask(allowed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A mask ([..., n] boolean) cut or padded with False to the logits' width: the model's
+    head may be wider than the tokenizer's vocabulary."""
+    n = allowed.shape[-1]
+    if n < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:-1], vocab - n)], dim=-1)
+    return allowed[..., :vocab]
 
 
 def build_processors(specs: Sequence) -> list:

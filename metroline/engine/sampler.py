@@ -16,8 +16,7 @@ from typing import Sequence
 
 import torch
 
-from metroline.engine.processors import MaskingProcessor
-
+from metroline.engine.processors import MaskingProcessor, fit_mask
 from metroline.engine.request import Request
 
 
@@ -135,7 +134,6 @@ class Sampler:
         """Each masking class computes its rows' masks in one call; one masked_fill for all.
         If a class's batch call fails, its processors are asked one by one, so only the
         failing requests fail."""
-        V = logits.shape[1]
         by_class: dict[type, list] = {}
         for i, p in maskers:
             by_class.setdefault(type(p), []).append((i, p))
@@ -161,9 +159,7 @@ class Sampler:
             for r, row in zip(rows, m):
                 combined[r] = combined[r] & row if r in combined else row
             rows, m = list(combined), torch.stack(list(combined.values()))
-        if m.shape[1] < V:
-            m = torch.cat([m, m.new_zeros(m.shape[0], V - m.shape[1])], dim=1)
-        forbid = ~m[:, :V].to(logits.device)
+        forbid = ~fit_mask(m, logits.shape[1]).to(logits.device)
         if rows == list(range(logits.shape[0])):  # every row masked: one in-place op
             logits.masked_fill_(forbid, float("-inf"))
         else:  # in place on our own copy, row by row: no gather and scatter of [k, vocab]

@@ -2,9 +2,9 @@
 
 One `LLTokenizer` per tokenizer (built from its `tokenizers` JSON, ~0.3 s, cached), grammars
 validated against it at compile time and cached by text (an LRU of 256), and one `LLMatcher`
-per sample. Each step the matcher writes the allowed-token bitmask (its Rust code, off the
-GIL), which becomes a boolean row with one vectorized shift-and-mask; the logits row is
-masked in one `masked_fill`.
+per sample. Each step the step's matchers write their allowed-token bitmasks in one batch
+call (llguidance's thread pool, off the GIL); numpy unpacks them into boolean rows, which the
+sampler applies to the logits (engine.processors.MaskingProcessor).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ _LOCK = threading.Lock()
 # JSON Schema keywords llguidance accepts but does not enforce as a client expects (it names
 # the others it does not implement itself, "Unimplemented keys: [...]"): refused up front.
 _REFUSED_KEYWORDS = ("patternProperties",)
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Fixed separators, no free whitespace: a small model left to choose whitespace can emit it
+# forever (the grammar would allow that), and clients never need it.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Likewise digits: numbers get at most 6 decimals (measured: 99.9999998999... until max_tokens
+# at temperature 0.8).
+_NUMBER_STEP = 1e-6
+# Keys whose values are not schemas, and keys whose values map names to schemas.
+_NOT_SCHEMAS = ("enum", "const", "default", "examples", "description", "title", "required", "x-guidance")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def backend_for(tokenizer) -> "LLGuidanceBackend":
@@ -36,49 +44,55 @@ def backend_for(tokenizer) -> "LLGuidanceBackend":
         return b
 
 
+def _subschemas(schema) -> list:
+    """The schemas directly inside a schema (or a list of them)."""
+    if isinstance(schema, list):
+        return schema
+    if not isinstance(schema, dict):
+        return []
+    out = []
+    for k, v in schema.items():
+        if k in _SCHEMA_MAPS and isinstance(v, dict):
+            out += v.values()
+        elif k not in _NOT_SCHEMAS:
+            out.append(v)
+    return out
+
+
 def _refused_keyword(schema) -> str | None:
     if isinstance(schema, dict):
-        for k, v in schema.items():
-            if k in _REFUSED_KEYWORDS:
-                return k
-            if k in ("enum", "const", "default", "examples", "description", "title"):
-                continue
-            subs = v.values() if k in ("properties", "$defs", "definitions") and isinstance(v, dict) else [v]
-            for sub in subs:
-                found = _refused_keyword(sub)
-                if found:
-                    return found
-    elif isinstance(schema, list):
-        for v in schema:
-            found = _refused_keyword(v)
-            if found:
-                return found
-    return None
+        found = next((k for k in schema if k in _REFUSED_KEYWORDS), None)
+        if found:
+            return found
+    return next(filter(None, map(_refused_keyword, _subschemas(schema))), None)
 
 
-_NUMBER_STEP = 1e-6
-_NOT_SCHEMAS = ("enum", "const", "default", "examples", "description", "title", "required", "x-guidance")
-
-
-def _bounded_numbers(schema):
-    """A copy of the schema in which every number without a multipleOf gets multipleOf 1e-6
-    (at most 6 decimals in the output; the value range is unchanged)."""
+def prepare_json_schema(schema):
+    """A copy of the schema as metroline constrains it: every number without a multipleOf gets
+    multipleOf 1e-6 (at most 6 decimals in the output; the value range is unchanged)."""
     if isinstance(schema, list):
-        return [_bounded_numbers(s) for s in schema]
+        return [prepare_json_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
         if k in _NOT_SCHEMAS:
             out[k] = v
-        elif k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
-            out[k] = {name: _bounded_numbers(sub) for name, sub in v.items()}
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: prepare_json_schema(sub) for name, sub in v.items()}
         else:
-            out[k] = _bounded_numbers(v)
+            out[k] = prepare_json_schema(v)
     t = schema.get("type")
     if (t == "number" or (isinstance(t, list) and "number" in t)) and "multipleOf" not in schema:
         out["multipleOf"] = _NUMBER_STEP
     return out
+
+
+def _unpack(words: torch.Tensor) -> torch.Tensor:
+    """Bitmask words [..., W] int32 -> boolean [..., 32 W]: bit j of little-endian word w is token
+    32w + j, and numpy unpacks the bytes lowest bit first in one pass (~10 us for 49k tokens;
+    shifting int32 words in torch is ~100)."""
+    return torch.from_numpy(np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")).view(torch.bool)
 
 
 class LLGuidanceBackend:
@@ -90,7 +104,6 @@ class LLGuidanceBackend:
         stop = sorted(tokenizer.stop_token_ids) or None
         self.ll_tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
                                                    eos_token=stop)
-        self.vocab_size = tokenizer.vocab_size
         self.stop_ids = frozenset(tokenizer.stop_token_ids)
         self._cache: OrderedDict[GrammarSpec, "LLGuidanceGrammar"] = OrderedDict()
         self._cache_size = cache_size
@@ -113,11 +126,7 @@ class LLGuidanceBackend:
             if bad:
                 raise GrammarError(f"JSON schema keyword {bad!r} is not supported")
             try:
-                # Fixed separators, no free whitespace: a small model left to choose whitespace
-                # can emit it forever (the grammar would allow that), and clients never need it.
-                # Likewise digits: numbers get at most 6 decimals (measured: 99.9999998999...
-                # until max_tokens at temperature 0.8).
-                return M.grammar_from_json_schema(_bounded_numbers(schema), overrides=_JSON_OPTIONS)
+                return M.grammar_from_json_schema(prepare_json_schema(schema), overrides=JSON_OPTIONS)
             except (ValueError, TypeError) as e:
                 raise GrammarError(f"invalid JSON schema: {e}") from None
         if spec.kind == "regex":
@@ -161,8 +170,6 @@ class LLGuidanceGrammar:
         return self.backend._ll.LLMatcher(self.backend.ll_tokenizer, self.text, log_level=0)
 
 
-
-
 class GrammarProcessor(MaskingProcessor):
     """Masks the logits row to the tokens the grammar allows next. The matcher is made on first
     use, so the template a request carries costs nothing until a sample forks it."""
@@ -187,11 +194,9 @@ class GrammarProcessor(MaskingProcessor):
         m.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
         if m.is_error():
             raise GrammarError(f"grammar matcher failed: {m.get_error()}")
-        # Bit j of little-endian word w is token 32w + j: numpy unpacks the bytes lowest bit
-        # first in one pass (~10 us for 49k tokens; shifting int32 words in torch is ~100).
         if not bool(self._words.any()):
             raise GrammarError("the grammar allows no next token with this model's vocabulary")
-        return torch.from_numpy(np.unpackbits(self._words.numpy().view(np.uint8), bitorder="little")).view(torch.bool)
+        return _unpack(self._words)
 
     @classmethod
     def allowed_batch(cls, processors) -> torch.Tensor:
@@ -210,7 +215,7 @@ class GrammarProcessor(MaskingProcessor):
             raise GrammarError("a matcher failed")
         if not bool(buf.any(dim=1).all()):
             raise GrammarError("a grammar allows no next token")
-        return torch.from_numpy(np.unpackbits(buf.numpy().view(np.uint8), axis=1, bitorder="little")).view(torch.bool)
+        return _unpack(buf)
 
     def accept(self, token_ids: Sequence[int]) -> None:
         m = self.matcher
@@ -223,13 +228,6 @@ class GrammarProcessor(MaskingProcessor):
     def rollback(self, num_tokens: int) -> None:
         if num_tokens:
             self.matcher.rollback(num_tokens)
-
-    def forced_tokens(self) -> list[int]:
-        """Tokens the grammar allows as the only continuation (fast-forward)."""
-        return list(self.matcher.compute_ff_tokens())
-
-    def is_finished(self) -> bool:
-        return self.matcher.is_stopped()
 
     def fork(self) -> "GrammarProcessor":
         return GrammarProcessor(self.grammar)

@@ -173,13 +173,13 @@ def test_sampler_masks_grammar_rows_only(tok):
 
 
 def test_numbers_get_bounded_decimals_and_keep_their_range(tok):
-    from metroline.structured.grammar_llguidance import _bounded_numbers
+    from metroline.structured.grammar_llguidance import prepare_json_schema
 
     schema = {"type": "object", "properties": {"x": {"type": "number", "maximum": 5},
                                                "y": {"type": ["number", "null"]}, "n": {"type": "integer"},
                                                "m": {"type": "number", "multipleOf": 0.5}},
               "required": ["x"]}
-    b = _bounded_numbers(schema)
+    b = prepare_json_schema(schema)
     assert b["properties"]["x"] == {"type": "number", "maximum": 5, "multipleOf": 1e-6}
     assert b["properties"]["y"]["multipleOf"] == 1e-6 and "multipleOf" not in b["properties"]["n"]
     assert b["properties"]["m"]["multipleOf"] == 0.5 and b["required"] == ["x"]
