@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metroline.structured import GrammarError
+from metroline.structured.grammar_llguidance import JSON_OPTIONS, prepare_json_schema
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,11 @@ def render_messages(messages: list[dict], tools: list[Tool], use_tools: bool) ->
 def tool_call_grammar(tools: list[Tool], mode: str, name: str | None, parallel: bool) -> str:
     """A Lark grammar (llguidance dialect, JSON schemas inline) for the mode's output."""
     chosen = [t for t in tools if name is None or t.name == name]
-    variants = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+    variants = [{"type": "object", "properties": {"name": {"const": t.name},
+                                                  "arguments": prepare_json_schema(t.parameters)},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     schema = {"anyOf": variants} if len(variants) > 1 else variants[0]
-    schema = {**schema, "x-guidance": _JSON_OPTIONS}
+    schema = {**schema, "x-guidance": JSON_OPTIONS}  # as response_format's schemas are compiled
     calls = 'call ("\\n" call)*' if parallel else "call"
     head = "start: TEXT | calls" if mode == "auto" else "start: calls"
     rules = [head, f"calls: {calls}", f'call: "{OPEN}" body "{CLOSE}"', f"body: %json {json.dumps(schema)}"]

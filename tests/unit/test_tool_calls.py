@@ -132,3 +132,7 @@ def test_grammars_compile_and_walks_parse(tmp_path):
         assert calls[0].name in (["get_weather"] if name else ["get_weather", "now"])
         assert isinstance(json.loads(calls[0].arguments), dict)
     compile_grammar(tok, GrammarSpec.lark(tool_call_grammar(tools, "auto", None, parallel=True)))
+    # Arguments are compiled as response_format schemas are: numbers with at most 6 decimals.
+    pay = parse_tools([{"type": "function", "function": {"name": "pay", "parameters": {
+        "type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]}}}])
+    assert '"multipleOf": 1e-06' in tool_call_grammar(pay, "required", None, parallel=False)
