@@ -342,7 +342,8 @@ def cmd_serve(args) -> int:
                             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             policy=args.scheduling_policy,
                             enable_chunked_prefill=not args.no_chunked_prefill,
-                            max_queued_requests=args.max_queued_requests)
+                            max_queued_requests=args.max_queued_requests,
+                            grammar_fast_forward=not args.no_grammar_fast_forward)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                weights=args.weights,
                                max_model_len=args.max_model_len, seed=args.seed)
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fcfs, or priority (a request's lower `priority` value runs first)")
     e.add_argument("--no-chunked-prefill", action="store_true",
                    help="run each prompt in one step (long prompts then wait for room)")
+    e.add_argument("--no-grammar-fast-forward", action="store_true",
+                   help="sample every token of a constrained output, even the ones its grammar "
+                        "forces (by default they are appended without a decode step each)")
     e.add_argument("--num-blocks", type=int, default=None,
                    help="KV cache blocks (overrides --kv-cache-memory)")
     e.add_argument("--kv-cache-memory-fraction", type=float, default=_CACHE.kv_cache_memory_fraction,

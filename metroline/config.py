@@ -53,6 +53,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Requests allowed to wait; beyond it add_request says no (the server answers 429).
     max_queued_requests: int | None = None
+    # Append the tokens a grammar forces (tool-call boilerplate) without a step per token.
+    grammar_fast_forward: bool = True
 
     def __post_init__(self):
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0",

@@ -19,6 +19,7 @@ import torch
 
 from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
 from metroline.engine.output_text import OutputText
+from metroline.engine.processors import can_look_ahead
 from metroline.engine.request import (FINISH_REASON, CompletionOutput, EngineInfo, EngineStats,
                                       Request, RequestHints, RequestOutput, RequestStatus,
                                       SamplingParams)
@@ -219,7 +220,8 @@ class EngineCore:
             prompt_tokens=sched.num_prompt_tokens_computed,
             generation_tokens=sched.num_generation_tokens, steps=self.num_steps,
             spec_draft_tokens=sched.num_spec_draft_tokens,
-            spec_accepted_tokens=sched.num_spec_accepted_tokens)
+            spec_accepted_tokens=sched.num_spec_accepted_tokens,
+            fast_forward_tokens=sched.num_fast_forward_tokens)
 
     # ----------------------------------------------------------------------- step
 
@@ -247,8 +249,9 @@ class EngineCore:
 
     def _propose(self) -> None:
         """Ask the proposer for drafts for the requests about to decode. Drafting is exact for
-        greedy requests without per-token state (penalties, processors, min_tokens pending);
-        the others decode one token at a time."""
+        greedy requests whose processors can score draft positions (grammar masks are computed
+        after each draft prefix, min_tokens counts the drafts) and without penalties; the
+        others decode one token at a time."""
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1 or not _can_draft(req):
                 continue
@@ -285,6 +288,5 @@ class EngineCore:
 
 def _can_draft(req: Request) -> bool:
     sp = req.sampling_params
-    return (sp.greedy and not req.logits_processors and sp.repetition_penalty == 1.0
-            and not sp.presence_penalty and not sp.frequency_penalty
-            and req.num_output_tokens >= sp.min_tokens)
+    return (sp.greedy and can_look_ahead(req.logits_processors) and sp.repetition_penalty == 1.0
+            and not sp.presence_penalty and not sp.frequency_penalty)

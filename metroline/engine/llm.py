@@ -38,8 +38,8 @@ class LLM:
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
                  host_kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy: str = "fcfs",
-                 enable_chunked_prefill: bool = True, seed: int = 0, show_progress: bool = True,
-                 loaded=None):
+                 enable_chunked_prefill: bool = True, grammar_fast_forward: bool = True, seed: int = 0,
+                 show_progress: bool = True, loaded=None):
         from metroline.model.loader import load_model
 
         self.model_config = ModelConfig(model=model, dtype=dtype, device=device, weights=weights,
@@ -54,7 +54,8 @@ class LLM:
                         host_kv_cache_memory=host_kv_cache_memory),
             SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                             max_model_len=max_model_len, policy=policy,
-                            enable_chunked_prefill=enable_chunked_prefill),
+                            enable_chunked_prefill=enable_chunked_prefill,
+                            grammar_fast_forward=grammar_fast_forward),
             self.model_config)
         self._ids = itertools.count()
 

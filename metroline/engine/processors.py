@@ -47,6 +47,29 @@ class MaskingProcessor(LogitsProcessor):
         """Boolean [len(processors), vocab]; default: one at a time."""
         return torch.stack([p.allowed() for p in processors])
 
+    def allowed_ahead(self, drafts: Sequence[int]) -> torch.Tensor:
+        """Boolean [len(drafts) + 1, vocab]: the mask now and after each draft token (for
+        speculative verification). The state is left as it was. Once a draft is not allowed,
+        the later rows repeat the last mask (verification stops at that draft anyway)."""
+        rows = [self.allowed()]
+        taken = 0
+        try:
+            for t in drafts:
+                if not (0 <= t < rows[-1].shape[0] and bool(rows[-1][t])):
+                    break
+                self.accept([t])
+                taken += 1
+                rows.append(self.allowed())
+        finally:
+            self.rollback(taken)
+        rows += [rows[-1]] * (len(drafts) + 1 - len(rows))
+        return torch.stack(rows)
+
+    def forced(self) -> list[int]:
+        """Tokens that are the only continuation the processor allows from here (in order);
+        the engine appends them without sampling (grammar fast-forward). Default: none."""
+        return []
+
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         allowed = fit_mask(self.allowed(), logits.shape[-1])
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
@@ -70,6 +93,20 @@ def notify_accept(processors: Sequence, token_ids: Sequence[int]) -> None:
     for p in processors:
         if isinstance(p, LogitsProcessor):
             p.accept(token_ids)
+
+
+def forced_tokens(processors: Sequence) -> list[int]:
+    """The tokens a request's processors force next: only when its one processor is a mask
+    (another processor could see the forced tokens differently)."""
+    if len(processors) == 1 and isinstance(processors[0], MaskingProcessor):
+        return list(processors[0].forced())
+    return []
+
+
+def can_look_ahead(processors: Sequence) -> bool:
+    """Whether a request's processors can score draft positions: masks (allowed_ahead) and
+    plain functions of the token ids; a stateful processor of another kind cannot."""
+    return all(isinstance(p, MaskingProcessor) or not isinstance(p, LogitsProcessor) for p in processors)
 
 
 def notify_rollback(processors: Sequence, num_tokens: int) -> None:

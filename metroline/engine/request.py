@@ -265,6 +265,7 @@ class EngineStats:
     steps: int = 0
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of which accepted
+    fast_forward_tokens: int = 0  # tokens a grammar forced (one decode step saved each)
     num_streams: int = 0  # open output streams (AsyncEngine only)
 
 

@@ -88,7 +88,8 @@ class ModelRunner:
             rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         row_reqs = [s.request for s, _ in sampling for _ in range(s.num_logits)]
-        results = self.sampler(logits, row_reqs)
+        row_drafts = [s.spec_token_ids[:j] for s, _ in sampling for j in range(s.num_logits)]
+        results = self.sampler(logits, row_reqs, row_drafts)
         for s, first in sampling:
             res = results[first:first + s.num_logits]
             n = 1  # tokens taken: accepted drafts, then the model's own token

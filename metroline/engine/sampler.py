@@ -51,10 +51,15 @@ class Sampler:
         self._generators.pop(request_id, None)
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[SampleResult]:
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[Request],
+                 drafts: Sequence[Sequence[int]] | None = None) -> list[SampleResult]:
+        """One token per row. `drafts[i]`: the draft tokens before row i's position (a
+        speculating request has rows for [], [d0], [d0, d1], ...); processors, masks and
+        min_tokens see the output as if those drafts were accepted."""
         B, V = logits.shape
         params = [r.sampling_params for r in reqs]
         errors: dict[int, str] = {}
+        drafts = drafts if drafts is not None and any(drafts) else None
         if not any(_edits_logits(r, sp) for r, sp in zip(reqs, params)):
             # The common case (no processor, bias, penalty or min_tokens mask): nothing edits
             # the rows, so no copy of the [B, vocab] logits and no per-request loop.
@@ -62,13 +67,19 @@ class Sampler:
         # Work on a float32 copy: the caller's tensor is never modified.
         logits = logits.to(torch.float32, copy=True)
         maskers: list[tuple[int, MaskingProcessor]] = []
+        ahead: dict[int, tuple[MaskingProcessor, list[int]]] = {}  # masks at draft positions
         for i, (r, sp) in enumerate(zip(reqs, params)):
+            prefix = drafts[i] if drafts is not None else ()
             try:
                 for proc in r.logits_processors:
                     if isinstance(proc, MaskingProcessor):
-                        maskers.append((i, proc))  # all of the step's masks at once, below
+                        if drafts is not None and _speculates(reqs, drafts, i):
+                            ahead.setdefault(id(proc), (proc, []))[1].append(i)
+                        else:
+                            maskers.append((i, proc))  # all of the step's masks at once, below
                     else:
-                        logits[i] = proc(r.output_token_ids, logits[i])
+                        ids = r.output_token_ids if not prefix else [*r.output_token_ids, *prefix]
+                        logits[i] = proc(ids, logits[i])
             except Exception as e:
                 errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
                 logits[i] = 0.0  # any finite row: its token is discarded
@@ -78,9 +89,22 @@ class Sampler:
                 logits[i].index_add_(0, ids.to(logits.device), vals.to(logits.device))
         if maskers:
             self._apply_masks(logits, [(i, p) for i, p in maskers if i not in errors], errors)
+        for proc, rows in ahead.values():
+            rows = [i for i in rows if i not in errors]
+            if not rows:
+                continue
+            try:  # one request's rows: the mask after each prefix of its drafts
+                masks = fit_mask(proc.allowed_ahead(drafts[rows[-1]]), V)
+            except Exception as e:
+                for i in rows:
+                    errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                    logits[i] = 0.0
+                continue
+            for i in rows:
+                logits[i].masked_fill_(~masks[len(drafts[i])].to(logits.device), float("-inf"))
         self._apply_penalties(logits, reqs)
         for i, (r, sp) in enumerate(zip(reqs, params)):
-            if r.num_output_tokens < sp.min_tokens:
+            if r.num_output_tokens + (len(drafts[i]) if drafts is not None else 0) < sp.min_tokens:
                 banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(r.eos_token_ids))
                 if banned:
                     logits[i, list(banned)] = float("-inf")
@@ -209,6 +233,11 @@ class Sampler:
             thresh = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < thresh, float("-inf"))
         return logits
+
+
+def _speculates(reqs: Sequence[Request], drafts: Sequence[Sequence[int]], i: int) -> bool:
+    """Row i belongs to a request that has rows at draft positions this step."""
+    return bool(drafts[i]) or (i + 1 < len(reqs) and reqs[i + 1] is reqs[i] and bool(drafts[i + 1]))
 
 
 def _edits_logits(r: Request, sp) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from metroline.config import SchedulerConfig
-from metroline.engine.processors import notify_accept
+from metroline.engine.processors import forced_tokens, notify_accept
 from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus
 from metroline.errors import QueueFullError
 from metroline.kv.kv_manager import KVCacheManager
@@ -82,6 +82,7 @@ class Scheduler:
         self.num_spec_draft_tokens = 0  # draft tokens verified
         self.num_spec_accepted_tokens = 0  # of which accepted
         self.num_prefill_chunks = 0  # times a request's known tokens were split across steps
+        self.num_fast_forward_tokens = 0  # tokens a grammar forced, appended without a step each
 
     # ---- admission ----
 
@@ -261,32 +262,58 @@ class Scheduler:
                 if num_spec + 1 > len(new):
                     self.kv.rollback(req, num_spec + 1 - len(new))
             req.spec_token_ids = []
-            status = None
-            appended = 0
-            for i, tok in enumerate(new):
-                if req.first_token_time is None:
-                    req.first_token_time = time.monotonic()
-                req.output_token_ids.append(tok)
-                if res.logprobs is not None:
-                    req.output_logprobs.append(res.logprobs[i])
-                appended += 1
-                status = self._check_stop(req, tok)
-                if status is not None:
-                    break
-            if not req.internal:
-                self.num_generation_tokens += appended
-            if appended and req.logits_processors:
-                try:
-                    notify_accept(req.logits_processors, new[:appended])
-                except Exception as e:
-                    req.error = f"logits processor failed: {type(e).__name__}: {e}"
-                    status = RequestStatus.FINISHED_ERROR
+            if new and req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            status, appended = self._append(req, new, res.logprobs if res is not None else None)
+            if status is None and appended and self.config.grammar_fast_forward:
+                status = self._fast_forward(req)
             self.kv.cache_blocks(req)  # before _finish: a session pin keeps the cached prefix
             if status is not None:
                 self._finish(req, status)
             if appended or req.is_finished:
                 changed.append(req)
         return changed
+
+    def _append(self, req: Request, tokens: list[int], logprobs) -> tuple[RequestStatus | None, int]:
+        """Append tokens one by one through the stop checks, then tell the request's processors;
+        (the status it ends with, if any; how many were appended)."""
+        status = None
+        appended = 0
+        for i, tok in enumerate(tokens):
+            req.output_token_ids.append(tok)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs[i])
+            appended += 1
+            status = self._check_stop(req, tok)
+            if status is not None:
+                break
+        if not req.internal:
+            self.num_generation_tokens += appended
+        if appended and req.logits_processors:
+            try:
+                notify_accept(req.logits_processors, tokens[:appended])
+            except Exception as e:
+                req.error = f"logits processor failed: {type(e).__name__}: {e}"
+                status = RequestStatus.FINISHED_ERROR
+        return status, appended
+
+    def _fast_forward(self, req: Request) -> RequestStatus | None:
+        """Grammar fast-forward: the tokens a request's grammar forces next (`{"name": "` of a
+        tool call) are appended at once, as known tokens the next step computes in one pass
+        with the request's last token, instead of one decode step each. Not for requests that
+        want logprobs (a forced token's logprob would need its own logits row)."""
+        if req.sampling_params.logprobs is not None:
+            return None
+        try:
+            forced = forced_tokens(req.logits_processors)
+        except Exception as e:
+            req.error = f"logits processor failed: {type(e).__name__}: {e}"
+            return RequestStatus.FINISHED_ERROR
+        if not forced:
+            return None
+        status, appended = self._append(req, forced, None)
+        self.num_fast_forward_tokens += appended
+        return status
 
     def fail_step(self, scheduler_output: SchedulerOutput, error: str) -> list[Request]:
         """The forward pass raised: its requests finish with the error (nothing they computed

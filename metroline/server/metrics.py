@@ -64,6 +64,9 @@ class _EngineCollector:
                       s.spec_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
                       s.spec_accepted_tokens)
+        yield counter("grammar_fast_forward_tokens",
+                      "Tokens a grammar forced, appended without a decode step each.",
+                      s.fast_forward_tokens)
         yield gauge("engine_alive", "1 while the engine loop runs.", srv["engine_alive"])
         yield gauge("server_draining", "1 while the server drains before shutdown.",
                     srv["draining"])

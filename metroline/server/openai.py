@@ -516,18 +516,26 @@ async def _chat_choices(run: Run, n: int, texts: TokenTexts | None, use_tools: b
                 yield _with_stop_reason({"index": o.index, "delta": {"content": o.text} if o.text else {},
                                          "logprobs": lp, "finish_reason": o.finish_reason}, o)
                 continue
-            # Tool calls: text outside the tags streams as content; each call goes out whole,
-            # as one tool_calls delta (id, name, arguments), once its closing tag arrived.
-            content, calls = parsers[o.index].feed(o.text)
+            # Tool calls: text outside the tags streams as content; a call as OpenAI deltas, its
+            # id and name first, then its arguments in pieces as the model writes them.
+            parser = parsers[o.index]
+            content, pieces = parser.feed(o.text)
             if o.finish_reason:
-                rest, more = parsers[o.index].finish()  # an unfinished call is text
-                content, calls = content + rest, calls + more
+                rest, _ = parser.finish()  # text held back; a call cut short stays unfinished
+                content += rest
             delta: dict = {}
             if content:
                 delta["content"] = content
-            if calls:
-                delta["tool_calls"] = [call.to_openai(index=num_calls[o.index] + k) for k, call in enumerate(calls)]
-                num_calls[o.index] += len(calls)
+            if pieces:  # one entry per call in a delta: its pieces joined
+                merged: dict[int, dict] = {}
+                for p in pieces:
+                    d = p.to_openai()
+                    if p.index in merged:
+                        merged[p.index]["function"]["arguments"] += p.arguments
+                    else:
+                        merged[p.index] = d
+                delta["tool_calls"] = list(merged.values())
+            num_calls[o.index] = len(parser.calls)
             finish = o.finish_reason
             if finish == "stop" and num_calls[o.index]:
                 finish = "tool_calls"

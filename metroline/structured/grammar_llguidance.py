@@ -225,6 +225,12 @@ class GrammarProcessor(MaskingProcessor):
         if not m.consume_tokens(ids):
             raise GrammarError(f"token(s) {list(token_ids)} rejected by the grammar: {m.get_error()}")
 
+    def forced(self) -> list[int]:
+        m = self.matcher
+        if m.is_stopped() or m.is_error():
+            return []
+        return m.compute_ff_tokens()
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens:
             self.matcher.rollback(num_tokens)

@@ -6,8 +6,9 @@ The documented format:
 - an assistant turn that called tools is rendered back in that form, and a `tool` message's
   content is wrapped in `<tool_response>...</tool_response>` (`render_messages`);
 - the grammar (`tool_call_grammar`) constrains a call to one of the tools and its parameter
-  schema: from the first token for tool_choice `required` or a named function, and for `auto`
-  either free text (not starting with `<`) or calls;
+  schema: from the first token for tool_choice `required` or a named function; for `auto`,
+  text is free until the model writes `<tool_call>` (a lazy trigger), then the call is
+  constrained;
 - `parse_tool_calls` reads a finished output, and `ToolCallStreamParser` does the same
   incrementally, so that any split of the text into deltas gives the same result.
 """
@@ -15,6 +16,7 @@ The documented format:
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,11 +120,14 @@ def tool_call_grammar(tools: list[Tool], mode: str, name: str | None, parallel: 
                  "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     schema = {"anyOf": variants} if len(variants) > 1 else variants[0]
     schema = {**schema, "x-guidance": JSON_OPTIONS}  # as response_format's schemas are compiled
-    calls = 'call ("\\n" call)*' if parallel else "call"
-    head = "start: TEXT | calls" if mode == "auto" else "start: calls"
-    rules = [head, f"calls: {calls}", f'call: "{OPEN}" body "{CLOSE}"', f"body: %json {json.dumps(schema)}"]
+    more = ' ("\\n" call)*' if parallel else ""
     if mode == "auto":
-        rules.append("TEXT: /[^<](.|\\n)*/")
+        # Free text until the model writes the opening tag (a lazy lexeme: it ends at the first
+        # tag), then the call's body is constrained; after the calls, only the end.
+        rules = [f"start: TEXT | head body_end{more}", f'head[lazy]: TEXT "{OPEN}"', "TEXT: /(.|\\n)*/"]
+    else:
+        rules = [f"start: call{more}"]
+    rules += [f'call: "{OPEN}" body_end', f'body_end: body "{CLOSE}"', f"body: %json {json.dumps(schema)}"]
     return "\n".join(rules)
 
 
@@ -139,7 +144,13 @@ class ToolCall:
         return d
 
 
+_CANONICAL = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
+_CANONICAL_WITHIN = 512  # body characters within which the canonical head must have appeared
+_WS = " \t\r\n"
+
+
 def _call_from(body: str) -> ToolCall | None:
+    """A call from a whole body in any key order (`parameters` accepted for `arguments`)."""
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:
@@ -152,29 +163,121 @@ def _call_from(body: str) -> ToolCall | None:
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """(content outside the calls, the calls) of a finished output. A call whose closing tag
-    never came (output cut short by max_tokens) or whose body is not a JSON object with a
-    name stays in the content, never presented as a call."""
-    p = ToolCallStreamParser()
-    content, calls = p.feed(text)
-    rest, more = p.finish()
-    return content + rest, calls + more
+    never came (output cut short by max_tokens), or that is not a JSON object with a name,
+    stays in the content, never presented as a call."""
+    p = ToolCallStreamParser(whole=True)
+    content, _ = p.feed(text)
+    rest, _ = p.finish()
+    return content + rest, p.calls
+
+
+@dataclass
+class CallPiece:
+    """One streamed piece of a tool call: the first carries its id and name, the others only
+    more of its arguments (JSON text, exactly as the model wrote it)."""
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def to_openai(self, base: int = 0) -> dict:
+        fn: dict = {"arguments": self.arguments}
+        d: dict = {"index": base + self.index, "function": fn}
+        if self.id is not None:
+            d["id"], d["type"] = self.id, "function"
+            fn["name"] = self.name
+        return d
+
+
+class _Call:
+    """The state of the call being read: its body (the text after the opening tag) scanned
+    one character at a time, as JSON (strings, escapes and nesting depth), so that braces and
+    tags inside strings are just characters."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.body = ""
+        self.pos = 0
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.body_end: int | None = None  # just after the top-level object
+        self.head: re.Match | None = None  # the canonical `{"name": ..., "arguments": ` head
+        self.args_end = 0  # arguments text is body[head.end():args_end]
+        self.args_done = False
+        self.sent = 0  # arguments characters already given out
+        self.id = f"call_{uuid.uuid4().hex[:24]}"
+
+    def scan(self) -> str | None:
+        """Advance over the body; "fail" if it is not a JSON object, None otherwise."""
+        body = self.body
+        while self.body_end is None and self.pos < len(body):
+            c, i = body[self.pos], self.pos
+            in_str, depth = self.in_str, self.depth
+            if in_str:
+                if self.esc:
+                    self.esc = False
+                elif c == "\\":
+                    self.esc = True
+                elif c == '"':
+                    self.in_str = False
+            elif depth == 0 and c not in _WS and c != "{":
+                return "fail"
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.body_end = i + 1
+            self.pos += 1
+            if self.head is None and i < _CANONICAL_WITHIN and c not in _WS:
+                self.head = _CANONICAL.match(body, 0, i + 1)
+                if self.head is not None and self.head.end() != i:
+                    self.head = None  # matched earlier text only: not the head's first argument char
+            if self.head is not None and i >= self.head.end() and not self.args_done:
+                if in_str or depth >= 2 or c not in _WS + ",}]":
+                    self.args_end = i + 1
+                elif c in ",}]":
+                    self.args_done = True
+        return None
+
+    def new_arguments(self) -> str:
+        if self.head is None:
+            return ""
+        start = self.head.end()
+        piece = self.body[start + self.sent:self.args_end]
+        self.sent += len(piece)
+        return piece
 
 
 class ToolCallStreamParser:
-    """Incremental twin of parse_tool_calls: feed(delta) -> (content delta, completed calls).
-    Text that may be the start of a tag is held back until it is known not to be; a call is
-    emitted whole once its closing tag arrives."""
+    """Incremental parser of the documented format: feed(delta) -> (content delta, call pieces).
 
-    def __init__(self):
+    Text outside the tags is content; text that may be the start of a tag is held back until
+    it is known not to be. A call in the canonical form (`{"name": ..., "arguments": ...}`,
+    as the grammar writes it) is streamed as it arrives: a first piece with its id and name,
+    then its arguments in pieces; a call with its keys in another order goes out whole once
+    its body closes. The result (content, and every call's name and arguments) is the same
+    for every split of the text into deltas. `calls` lists the completed calls; a call cut
+    short (no closing tag) is never among them: its raw text is in `unfinished` (streamed) or
+    in the content (`whole=True`, for a finished output read at once)."""
+
+    def __init__(self, whole: bool = False):
+        self.whole = whole
         self._buf = ""
-        self._in_call = False
+        self._call: _Call | None = None
         self._after_call = False  # a "\n" right after a call separates calls: not content
+        self._num_calls = 0
+        self.calls: list[ToolCall] = []
+        self.unfinished: list[str] = []  # raw text of calls that were started but never closed
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, delta: str) -> tuple[str, list[CallPiece]]:
+        content: list[str] = []
+        pieces: list[CallPiece] = []
         self._buf += delta
-        content, calls = [], []
         while True:
-            if not self._in_call:
+            if self._call is None:
                 if self._after_call and self._buf:
                     self._after_call = False
                     if self._buf.startswith("\n"):
@@ -186,25 +289,73 @@ class ToolCallStreamParser:
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
                 content.append(self._buf[:i])
-                self._buf = self._buf[i + len(OPEN):]
-                self._in_call = True
-            j = self._buf.find(CLOSE)
-            if j < 0:
-                break
-            body, self._buf = self._buf[:j], self._buf[j + len(CLOSE):]
-            self._in_call = False
-            call = _call_from(body)
-            if call is None:  # not a call after all: its text goes out as content
-                content.append(OPEN + body + CLOSE)
+                self._call = _Call(self._num_calls)
+                self._call.body, self._buf = self._buf[i + len(OPEN):], ""
             else:
-                calls.append(call)
-                self._after_call = True
-        return "".join(content), calls
+                self._call.body += self._buf
+                self._buf = ""
+            if not self._step_call(content, pieces):
+                break
+        return "".join(content), pieces
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """End of output: whatever is held back is content (an unfinished call included)."""
-        rest = (OPEN if self._in_call else "") + self._buf
-        self._buf, self._in_call, self._after_call = "", False, False
+    def _step_call(self, content: list[str], pieces: list[CallPiece]) -> bool:
+        """Advance the open call; True when it ended (the rest of the text is in _buf again)."""
+        call = self._call
+        had_head = call.head is not None
+        failed = call.scan() == "fail"
+        if call.head is not None and not had_head:
+            pieces.append(CallPiece(call.index, "", call.id, json.loads(call.head.group(1))))
+        if call.head is not None:
+            more = call.new_arguments()
+            if more:
+                pieces.append(CallPiece(call.index, more))
+        if not failed and call.body_end is None:
+            return False  # the body goes on
+        after = call.body[call.body_end:] if not failed else ""
+        tail = after.lstrip(_WS)
+        if not failed and len(tail) < len(CLOSE) and CLOSE.startswith(tail):
+            return False  # the closing tag may still come
+        ok = not failed and tail.startswith(CLOSE)
+        whole = None if call.head is not None or not ok else _call_from(call.body[:call.body_end])
+        self._call = None
+        if ok and (call.head is not None or whole is not None):
+            if whole is not None:  # keys in another order: the whole call at once
+                whole.id = call.id
+                pieces.append(CallPiece(call.index, whole.arguments, whole.id, whole.name))
+                self.calls.append(whole)
+            else:
+                self.calls.append(ToolCall(json.loads(call.head.group(1)),
+                                           call.body[call.head.end():call.args_end], call.id))
+            self._num_calls += 1
+            self._buf = tail[len(CLOSE):]
+            self._after_call = True
+        elif call.head is not None:  # streamed, then broken: given out already, never complete
+            self._unfinished(OPEN + call.body[:call.body_end], content)
+            self._num_calls += 1
+            self._buf = after
+        else:  # not a call: its text is content, read again (it may hold another tag)
+            content.append(OPEN)
+            self._buf = call.body
+        return True
+
+    def _unfinished(self, raw: str, content: list[str]) -> None:
+        if self.whole:
+            content.append(raw)
+        else:
+            self.unfinished.append(raw)
+
+    def finish(self) -> tuple[str, list[CallPiece]]:
+        """End of output: held-back text is content; an open call is unfinished (its raw text
+        in `unfinished`; if it was never streamed, it is content)."""
+        rest = ""
+        if self._call is not None:
+            raw = OPEN + self._call.body
+            if self._call.head is not None and not self.whole:
+                self.unfinished.append(raw)
+            else:
+                rest = raw
+        rest += self._buf
+        self._buf, self._call, self._after_call = "", None, False
         return rest, []
 
 

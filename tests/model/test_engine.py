@@ -312,3 +312,42 @@ def test_a_raising_logits_processor_fails_only_its_request(default_loaded):
     assert len(res["bad"].outputs[0].token_ids) == 2
     assert res["ok"].outputs[0].finish_reason == "length" and len(res["ok"].outputs[0].token_ids) == 6
     _assert_pool_empty(core)
+
+
+def test_speculative_drafts_with_a_grammar_and_min_tokens(default_loaded):
+    """Grammar requests verify drafts too: the mask at each draft position is the grammar's
+    after the drafts before it, and rejected drafts never reach the matcher. Right, wrong and
+    mixed drafts give the non-speculative output, which is valid JSON; min_tokens counts
+    drafts (EOS stays banned at every draft position before it)."""
+    pytest.importorskip("llguidance")
+    import json
+
+    from metroline.structured import GrammarSpec, compile_grammar
+
+    tok = default_loaded.tokenizer
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    grammar = compile_grammar(tok, GrammarSpec.json_schema(schema))
+    ids = tok.encode("Describe a cat as JSON:")
+    jobs = [(m, ids, SamplingParams(temperature=0, max_tokens=120, logits_processors=[grammar.processor()]))
+            for m in ("right", "wrong", "mixed")]
+    jobs.append(("min", tok.encode("Hi"), SamplingParams(temperature=0, max_tokens=20, min_tokens=12)))
+    ref = _run(_engine(default_loaded), {0: jobs})
+    conts = {rid: ref[rid].outputs[0].token_ids for rid, _, _ in jobs}
+    # The min_tokens request's drafts: EOS everywhere, which min_tokens must refuse until 12.
+    eos = sorted(tok.stop_token_ids)[0]
+    proposer = _ScriptedProposer(conts, {"right": "right", "wrong": "wrong", "mixed": "mixed", "min": "right"})
+    base = proposer.propose
+    proposer.propose = lambda req, k: [eos] * k if req.request_id == "min" else base(req, k)
+    core = EngineCore(default_loaded, CacheConfig(num_blocks=512, block_size=16),
+                      SchedulerConfig(grammar_fast_forward=False), proposer=proposer, num_speculative_tokens=4)
+    res = _run(core, {0: jobs})
+    for rid, _, _ in jobs:
+        assert res[rid].outputs[0].token_ids == conts[rid], rid
+    for rid in ("right", "wrong", "mixed"):
+        json.loads(res[rid].outputs[0].text)
+    assert len(conts["min"]) >= 12
+    stats = core.get_stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+    _assert_pool_empty(core)

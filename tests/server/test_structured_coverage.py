@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
+from tests.server.test_structured import streamed_message  # noqa: E402
+
 MODEL = "SmolLM2-135M-Instruct"
 S, I, N, B = {"type": "string", "maxLength": 24}, {"type": "integer", "minimum": -1000, "maximum": 1000}, \
     {"type": "number", "minimum": 0, "maximum": 100}, {"type": "boolean"}
@@ -114,6 +116,13 @@ def test_twenty_tool_sets(client, temperature):
             spec = next(t["function"] for t in tools if t["function"]["name"] == call.function.name)
             params = spec.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
             jsonschema.validate(json.loads(call.function.arguments), params)
+            # The same request streamed: the client assembles the same call from the deltas.
+            message, _, finish = streamed_message(
+                client, model=MODEL, messages=[{"role": "user", "content": "Use a tool."}], tools=tools,
+                tool_choice="required", parallel_tool_calls=False, max_tokens=120, temperature=temperature, seed=i)
+            assert finish == "tool_calls"
+            assert [(t.function.name, t.function.arguments) for t in message.tool_calls] == [
+                (call.function.name, call.function.arguments)]
         except Exception as e:
             bad.append((i, repr(e)[:120], c.message))
     assert not bad, bad

@@ -189,3 +189,61 @@ def test_numbers_get_bounded_decimals_and_keep_their_range(tok):
     for seed in range(4):
         value = json.loads(walk(tok, GrammarSpec.json_schema(one), seed, max_tokens=40))["s"]
         assert 0 <= value <= 100 and len(repr(value).partition(".")[2]) <= 6
+
+
+def _tool_prompt_and_grammar(tok):
+    from metroline.structured.tools import parse_tools, render_messages, tool_call_grammar
+
+    tools = parse_tools([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}},
+        {"type": "function", "function": {"name": "get_time"}}])
+    grammar = compile_grammar(tok, GrammarSpec.lark(tool_call_grammar(tools, "required", None, True)))
+    prompt = tok.apply_chat_template(render_messages(
+        [{"role": "user", "content": "What's the weather in Paris?"}], tools, True), add_generation_prompt=True)
+    return prompt, grammar
+
+
+def _run(loaded, prompt, params, fast_forward: bool):
+    from metroline.engine.llm import LLM
+
+    llm = LLM(loaded=loaded, num_blocks=64, show_progress=False, grammar_fast_forward=fast_forward)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    return out.outputs[0], llm.engine.num_steps, llm.engine.get_stats().fast_forward_tokens
+
+
+def test_fast_forward_appends_forced_tokens_without_a_step_each(default_loaded):
+    """A tool call's boilerplate (`<tool_call>{"name": "`, `", "arguments": {"city": "`) is forced
+    by the grammar: with fast-forward those tokens are appended at once and computed with the
+    next sampled token in one pass. Same tokens as one step per token, far fewer steps, and
+    every step the counter says was saved is one the engine did not run."""
+    from metroline.engine.request import SamplingParams
+
+    prompt, grammar = _tool_prompt_and_grammar(default_loaded.tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=80, logits_processors=[grammar.processor()])
+    slow, slow_steps, slow_ff = _run(default_loaded, prompt, params, False)
+    fast, fast_steps, fast_ff = _run(default_loaded, prompt, params, True)
+    assert slow_ff == 0 and fast_ff > 10
+    assert fast.token_ids == slow.token_ids and fast.text.startswith("<tool_call>")
+    assert fast_steps == slow_steps - fast_ff
+    assert fast.finish_reason == slow.finish_reason == "stop"
+    # A request that wants logprobs gets one per token, so it decodes step by step.
+    lp = SamplingParams(temperature=0, max_tokens=80, logprobs=0, logits_processors=[grammar.processor()])
+    with_lp, _, lp_ff = _run(default_loaded, prompt, lp, True)
+    assert lp_ff == 0 and with_lp.token_ids == slow.token_ids and len(with_lp.logprobs) == len(slow.token_ids)
+
+
+def test_fast_forward_respects_max_tokens_and_stop_strings(default_loaded):
+    """Forced tokens go through the same stop checks as sampled ones: max_tokens cuts them
+    (finish_reason length, exactly max_tokens tokens) and a stop string inside them ends the
+    output there."""
+    from metroline.engine.request import SamplingParams
+
+    prompt, grammar = _tool_prompt_and_grammar(default_loaded.tokenizer)
+    cut, _, ff = _run(default_loaded, prompt, SamplingParams(
+        temperature=0, max_tokens=5, logits_processors=[grammar.processor()]), True)
+    assert ff > 0 and len(cut.token_ids) == 5 and cut.finish_reason == "length"
+    stopped, _, _ = _run(default_loaded, prompt, SamplingParams(
+        temperature=0, max_tokens=80, stop=['"arguments"'], logits_processors=[grammar.processor()]), True)
+    assert stopped.finish_reason == "stop" and stopped.text.endswith('"name": "get_weather", ')

@@ -22,18 +22,32 @@ NOARGS = {"type": "function", "function": {"name": "now"}}
 
 
 def stream(text: str, cuts: list[int]):
+    """Feed the text in pieces cut at `cuts`: (content, [(name, arguments, complete)], unfinished
+    raw text), the calls assembled from their streamed pieces as a client would."""
     p = ToolCallStreamParser()
-    content, calls, last = "", [], 0
+    content, last = "", 0
+    calls: dict[int, list] = {}
     for c in sorted(set(cuts)) + [len(text)]:
-        d, cs = p.feed(text[last:c])
-        content, calls, last = content + d, calls + cs, c
-    d, cs = p.finish()
-    return content + d, [(c.name, c.arguments) for c in calls + cs]
+        d, pieces = p.feed(text[last:c])
+        content, last = content + d, c
+        for piece in pieces:
+            if piece.id is not None:
+                assert piece.index not in calls and piece.index == len(calls)
+                calls[piece.index] = [piece.name, "", piece.id]
+            calls[piece.index][1] += piece.arguments
+    d, _ = p.finish()
+    done = {c.id: c for c in p.calls}
+    out = []
+    for name, args, cid in calls.values():
+        complete = cid in done
+        if complete:
+            assert (done[cid].name, done[cid].arguments) == (name, args)
+        out.append((name, args, complete))
+    return content + d, out, p.unfinished
 
 
 def whole(text: str):
-    content, calls = parse_tool_calls(text)
-    return content, [(c.name, c.arguments) for c in calls]
+    return stream(text, [])
 
 
 SAMPLES = [
@@ -45,6 +59,10 @@ SAMPLES = [
     '<tool_call>{"name": "get_weather", "arguments": {"city": "Ro',  # cut by max_tokens
     '<tool_call>not json</tool_call> then text',
     '{"braces": "in text"} <tool_call>{"name": "x", "arguments": {"k": "{}}"}}</tool_call>tail',
+    '<tool_call>{"arguments": {"x": [1, {"y": "}"}]}, "name": "f"}</tool_call>',  # keys reordered
+    '<tool_call> {"name": "q\\"uote", "arguments": "str\\"ing"} </tool_call>x',  # escapes, spaces
+    '<tool_call>{"name": "f", "arguments": {"a": 1}} garbage</tool_call>',  # streamed, then broken
+    '<tool_call>{"name": "f", "arguments": {"é": "ü 漢"}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>',
 ]
 
 
@@ -67,14 +85,40 @@ def test_property_streamed_equals_whole(parts, cuts):
 def test_parse_results():
     content, calls = parse_tool_calls(SAMPLES[0])
     assert content == "Sure." and calls[0].name == "get_weather"
-    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert calls[0].arguments == '{"city": "Paris"}'  # the model's own text, as streamed
+    content, calls = parse_tool_calls(SAMPLES[1])  # a closing tag inside a JSON string is text
+    assert content == "" and json.loads(calls[0].arguments) == {"s": "</tool_call> inside a string? no: <tool_call>"}
     content, calls = parse_tool_calls(SAMPLES[2])
     assert content == "" and [c.name for c in calls] == ["now", "get_weather"]
     content, calls = parse_tool_calls(SAMPLES[4])  # truncated: no call, text kept
     assert calls == [] and content == SAMPLES[4]
     content, calls = parse_tool_calls(SAMPLES[5])
     assert calls == [] and content == SAMPLES[5]
+    content, calls = parse_tool_calls(SAMPLES[6])
+    assert content == '{"braces": "in text"} tail' and json.loads(calls[0].arguments) == {"k": "{}}"}
     assert len({c.id for c in parse_tool_calls(SAMPLES[2])[1]}) == 2
+    # Keys in another order, or `parameters`: still a call (sent whole, not streamed).
+    content, calls = parse_tool_calls('<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>')
+    assert content == "" and (calls[0].name, json.loads(calls[0].arguments)) == ("f", {"x": 1})
+    # Streamed, then the closing tag never came: a piece of a call, never a complete one.
+    text, calls, unfinished = stream(SAMPLES[4], [30])
+    assert text == "" and calls == [("get_weather", '{"city": "Ro', False)] and unfinished == [SAMPLES[4]]
+
+
+def test_arguments_stream_in_pieces():
+    """Fed one character at a time, a call's name goes out as soon as its head is complete and
+    its arguments in many pieces, before the closing tag."""
+    text = SAMPLES[0]
+    p = ToolCallStreamParser()
+    pieces = []
+    for ch in text:
+        _, ps = p.feed(ch)
+        pieces += ps
+    assert pieces[0].name == "get_weather" and pieces[0].id and pieces[0].arguments == ""
+    assert len(pieces) > 5 and "".join(x.arguments for x in pieces) == '{"city": "Paris"}'
+    first = pieces[0].to_openai(base=2)
+    assert first["index"] == 2 and first["type"] == "function" and first["function"]["name"] == "get_weather"
+    assert pieces[1].to_openai() == {"index": 0, "function": {"arguments": pieces[1].arguments}}
 
 
 def test_tools_and_choice_validation():
@@ -131,7 +175,22 @@ def test_grammars_compile_and_walks_parse(tmp_path):
         assert content == "" and len(calls) == 1, tok.decode(out)
         assert calls[0].name in (["get_weather"] if name else ["get_weather", "now"])
         assert isinstance(json.loads(calls[0].arguments), dict)
-    compile_grammar(tok, GrammarSpec.lark(tool_call_grammar(tools, "auto", None, parallel=True)))
+    # auto: free text (any text, `<` included) until the opening tag, then only a valid call.
+    for parallel in (False, True):
+        auto = compile_grammar(tok, GrammarSpec.lark(tool_call_grammar(tools, "auto", None, parallel)))
+
+        def accepts(text, whole=True):
+            m = auto.matcher()
+            ids = tok.encode(text, add_special_tokens=False)
+            return m.try_consume_tokens(ids) == len(ids) and (m.is_accepting() or not whole)
+
+        call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+        assert accepts("Plain text, with a < and a <b> tag.")
+        assert accepts("Let me look that up. " + call)
+        assert accepts("Let me look. <tool_call>", whole=False)
+        assert not accepts("Let me look. <tool_call>{\"name\": \"nope\"", whole=False)
+        assert not accepts(call + "and text after the call", whole=False)
+        assert accepts(call + "\n" + call) == parallel
     # Arguments are compiled as response_format schemas are: numbers with at most 6 decimals.
     pay = parse_tools([{"type": "function", "function": {"name": "pay", "parameters": {
         "type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]}}}])
