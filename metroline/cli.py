@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 
-from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
 from metroline.errors import MetrolineError
 
 # Flag defaults come from the config dataclasses: one source of truth.
 _CACHE, _SCHED, _MODEL, _SERVER = CacheConfig(), SchedulerConfig(), ModelConfig(), ServerConfig()
+_SPEC = SpeculativeConfig()
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -53,6 +54,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV cache block")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the kernels (default: the physical cores)")
+    g.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="speculative decoding: ngram (prompt lookup), suffix (suffix decoding over "
+                        "this request and recent outputs) or draft:MODEL (a model sharing the "
+                        "vocabulary; draft:layers=N uses the model's own first N layers)")
+    g.add_argument("--num-speculative-tokens", type=int, default=_SPEC.num_speculative_tokens,
+                   help="draft tokens per step at most (adapted per request to its acceptance)")
+    g.add_argument("--speculative-max-batch", type=int, default=_SPEC.max_batch,
+                   help="no drafts while more requests than this decode (speculation stops paying)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -93,6 +102,10 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
              f"  KV cache  {info.num_blocks:,} blocks x {info.block_size} = "
              f"{info.num_blocks * info.block_size:,} tokens, {info.kv_cache_bytes / 2**20:,.0f} MiB "
              f"({info.kv_sizing}); context {info.max_model_len:,}"]
+    sc = core.speculative_config
+    if sc.method is not None:
+        lines.append(f"  speculate {sc.method}, up to {sc.num_speculative_tokens} drafts per step"
+                     f"{'' if sc.max_batch is None else f' while at most {sc.max_batch} requests decode'}")
     if address:
         lines.append(f"  serving   {address}{extra}")
     return "\n".join(lines)
@@ -114,9 +127,18 @@ def _make_llm(args, command: str):
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               weights=args.weights,
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-              max_num_seqs=1, show_progress=True)  # one conversation: KV for one sequence
+              max_num_seqs=1, show_progress=True,  # one conversation: KV for one sequence
+              speculative=_spec_config(args))
     print(banner(command, llm.engine, threads), file=sys.stderr)
     return llm
+
+
+def _spec_config(args):
+    try:
+        return SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                 max_batch=args.speculative_max_batch)
+    except ValueError as e:
+        raise MetrolineError(str(e)) from None
 
 
 def _params(args):
@@ -332,6 +354,7 @@ def cmd_serve(args) -> int:
             public_metrics=args.public_metrics)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
+    spec = _spec_config(args)
     cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                         num_blocks=args.num_blocks,
@@ -350,7 +373,7 @@ def cmd_serve(args) -> int:
     threads = _set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
                         max_model_len=args.max_model_len, show_progress=True)
-    core = EngineCore(loaded, cache, sched, model_config)
+    core = EngineCore(loaded, cache, sched, model_config, speculative_config=spec)
     engine = AsyncEngine(core)
     try:
         app = create_app(engine, server_config)

@@ -67,6 +67,28 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who drafts (`method`), how many tokens at most per step, and when
+    it stops paying. method None: off; "ngram" (prompt lookup), "suffix" (suffix decoding over
+    this request and recent outputs), "draft:MODEL" (a model sharing the vocabulary; MODEL a
+    path, or "layers=N": the target's own first N layers)."""
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    # Above this many decoding requests nobody drafts (the step stops being bound by reading
+    # the weights, so verifying drafts costs what they save); None: no limit.
+    max_batch: int | None = 8
+    adaptive: bool = True  # k per request from its recent acceptance
+
+    def __post_init__(self):
+        m = self.method
+        _require(m is None or m in ("ngram", "suffix") or (m.startswith("draft:") and len(m) > 6),
+                 f"unknown speculative method {m!r} (ngram, suffix or draft:MODEL)", "speculative")
+        _require(1 <= self.num_speculative_tokens <= 15, "num_speculative_tokens must be in 1..15",
+                 "num_speculative_tokens")
+        _require(self.max_batch is None or self.max_batch >= 1, "max_batch must be >= 1", "max_batch")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # path to .gguf / HF folder / hub id; None: the default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16

@@ -13,11 +13,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
+from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from metroline.engine.output_text import OutputText
 from metroline.engine.processors import can_look_ahead
 from metroline.engine.request import (FINISH_REASON, CompletionOutput, EngineInfo, EngineStats,
@@ -25,6 +24,7 @@ from metroline.engine.request import (FINISH_REASON, CompletionOutput, EngineInf
                                       SamplingParams)
 from metroline.engine.runner import ModelRunner
 from metroline.engine.scheduler import Scheduler
+from metroline.engine.speculative import SpeculationPolicy, as_draft, make_proposer
 from metroline.engine.validation import EngineLimits, validate_request
 from metroline.errors import InvalidRequestError
 from metroline.kv.kv_manager import KVCacheManager
@@ -32,12 +32,6 @@ from metroline.platform import (resolve_attention_backend, resolve_host_kv_cache
                                 resolve_kv_cache_memory_fraction)
 
 logger = logging.getLogger("metroline.engine")
-
-
-class Proposer(Protocol):
-    """Drafts tokens for speculative decoding (engine/speculative.py will hold the real ones)."""
-
-    def propose(self, request: Request, k: int) -> list[int]: ...
 
 
 @dataclass
@@ -74,7 +68,11 @@ class EngineCore:
     def __init__(self, loaded, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None,
                  model_config: ModelConfig | None = None, attention_backend: str = "auto",
-                 proposer: Proposer | None = None, num_speculative_tokens: int = 0):
+                 proposer=None, num_speculative_tokens: int = 0,
+                 speculative_config: SpeculativeConfig | None = None):
+        """`speculative_config` turns on speculative decoding with one of the built-in
+        proposers; a test may pass its own `proposer` (engine.speculative.Proposer) with a fixed
+        `num_speculative_tokens` instead."""
         from metroline.attention.backend import get_attention_backend
 
         self.cache_config = cache_config or CacheConfig()
@@ -101,8 +99,15 @@ class EngineCore:
         self.limits = EngineLimits(loaded.config.vocab_size, self.max_model_len, num_blocks * bs,
                                    self.scheduler_config.max_num_batched_tokens,
                                    self.scheduler_config.enable_chunked_prefill)
-        self.proposer = proposer
-        self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
+        self.speculative_config = speculative_config or SpeculativeConfig()
+        self.proposer, self.spec_policy = None, None
+        if proposer is not None and num_speculative_tokens > 0:
+            self.proposer = proposer
+            self.spec_policy = SpeculationPolicy(num_speculative_tokens, max_batch=None, adaptive=False)
+        elif self.speculative_config.method is not None:
+            sc = self.speculative_config
+            self.proposer = make_proposer(sc.method, loaded, core=self)
+            self.spec_policy = SpeculationPolicy(sc.num_speculative_tokens, sc.max_batch, sc.adaptive)
         self.groups: dict[str, _Group] = {}
         self._sample_to_group: dict[str, _Group] = {}
         self.num_steps = 0
@@ -197,7 +202,9 @@ class EngineCore:
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for rid in ids:
             self._sample_to_group.pop(rid, None)
-            self.runner.sampler.release(rid)
+        if self.proposer is not None:
+            for req in group.samples:
+                self._spec_forget(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -221,6 +228,7 @@ class EngineCore:
             generation_tokens=sched.num_generation_tokens, steps=self.num_steps,
             spec_draft_tokens=sched.num_spec_draft_tokens,
             spec_accepted_tokens=sched.num_spec_accepted_tokens,
+            spec_verifications=sched.num_spec_verifications,
             fast_forward_tokens=sched.num_fast_forward_tokens)
 
     # ----------------------------------------------------------------------- step
@@ -240,6 +248,8 @@ class EngineCore:
                 changed = self.scheduler.fail_step(sched, f"{type(e).__name__}: {e}")
             else:
                 changed = self.scheduler.update_from_output(sched, result)
+            if self.proposer is not None:
+                self._spec_done(sched.scheduled, changed)
         touched: dict[str, _Group] = {}
         for req in changed:
             g = self._sample_to_group.get(req.request_id)
@@ -248,17 +258,46 @@ class EngineCore:
         return [self._make_output(g) for g in touched.values()]
 
     def _propose(self) -> None:
-        """Ask the proposer for drafts for the requests about to decode. Drafting is exact for
-        greedy requests whose processors can score draft positions (grammar masks are computed
-        after each draft prefix, min_tokens counts the drafts) and without penalties; the
-        others decode one token at a time."""
-        for req in self.scheduler.running:
-            if req.num_tokens - req.num_computed_tokens != 1 or not _can_draft(req):
+        """Drafts for the requests about to decode, k per request from the policy (0 when the
+        batch is too large for speculation to pay). Any request can draft except one with a
+        stateful processor that cannot score draft positions (grammar masks can)."""
+        decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        reqs, ks = [], []
+        for req in decoding:
+            if not can_look_ahead(req.logits_processors):
                 continue
-            k = min(self.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
-                    self.max_model_len - req.num_tokens - 1)
+            k = min(self.spec_policy.num_drafts(req, len(decoding)),
+                    req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
             if k > 0:
-                req.spec_token_ids = list(self.proposer.propose(req, k))[:k]
+                reqs.append(req)
+                ks.append(k)
+        if not reqs:
+            return
+        propose_batch = getattr(self.proposer, "propose_batch", None)
+        drafts = (propose_batch(reqs, ks) if propose_batch is not None
+                  else [self.proposer.propose(r, k) for r, k in zip(reqs, ks)])
+        for req, k, d in zip(reqs, ks, drafts):
+            d = as_draft(d)
+            req.spec_token_ids = [t for t in d.token_ids[:k] if 0 <= t < self.limits.vocab_size]
+            if len(req.spec_token_ids) < len(d.token_ids[:k]):  # an id outside the vocabulary
+                req.spec_token_ids = []
+            req.spec_probs = d.probs[:len(req.spec_token_ids)] if d.probs is not None and req.spec_token_ids else None
+
+    def _spec_done(self, scheduled, changed) -> None:
+        """Tell the policy how each speculating request's drafts fared; let the proposer learn
+        from, and forget, the requests that finished."""
+        for sr in scheduled:
+            if sr.spec_token_ids:
+                self.spec_policy.observe(sr.request)
+        for req in changed:
+            if req.is_finished:
+                self._spec_forget(req)
+
+    def _spec_forget(self, req: Request) -> None:
+        self.spec_policy.forget(req.request_id)
+        finished = getattr(self.proposer, "request_finished", None)
+        if finished is not None:
+            finished(req)
 
     def _make_output(self, g: _Group) -> RequestOutput:
         outs = []
@@ -279,14 +318,8 @@ class EngineCore:
             self.groups.pop(g.request_id, None)
             for req in g.samples:
                 self._sample_to_group.pop(req.request_id, None)
-                self.runner.sampler.release(req.request_id)
         errors = [r.error for r in g.samples if r.error]
         num_cached = max((r.num_cached_tokens for r in g.samples), default=0)
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, finished,
-                             num_cached_tokens=num_cached, error=errors[0] if errors else None)
-
-
-def _can_draft(req: Request) -> bool:
-    sp = req.sampling_params
-    return (sp.greedy and can_look_ahead(req.logits_processors) and sp.repetition_penalty == 1.0
-            and not sp.presence_penalty and not sp.frequency_penalty)
+                             num_cached_tokens=num_cached, error=errors[0] if errors else None,
+                             num_spec_accepted_tokens=sum(r.num_spec_accepted for r in g.samples))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from metroline.config import CacheConfig, ModelConfig, SchedulerConfig
+from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from metroline.engine.core import EngineCore
 from metroline.engine.request import CompletionOutput, RequestHints, RequestOutput, SamplingParams
 
@@ -39,9 +39,14 @@ class LLM:
                  host_kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy: str = "fcfs",
                  enable_chunked_prefill: bool = True, grammar_fast_forward: bool = True, seed: int = 0,
+                 speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int = 4,
                  show_progress: bool = True, loaded=None):
+        """`speculative`: "ngram", "suffix" or "draft:MODEL" (or a SpeculativeConfig) turns on
+        speculative decoding with up to `num_speculative_tokens` drafts per step."""
         from metroline.model.loader import load_model
 
+        if isinstance(speculative, str):
+            speculative = SpeculativeConfig(method=speculative, num_speculative_tokens=num_speculative_tokens)
         self.model_config = ModelConfig(model=model, dtype=dtype, device=device, weights=weights,
                                         max_model_len=max_model_len, seed=seed)
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, weights=weights,
@@ -56,7 +61,7 @@ class LLM:
                             max_model_len=max_model_len, policy=policy,
                             enable_chunked_prefill=enable_chunked_prefill,
                             grammar_fast_forward=grammar_fast_forward),
-            self.model_config)
+            self.model_config, speculative_config=speculative)
         self._ids = itertools.count()
 
     def _encode(self, prompt) -> list[int]:

@@ -175,6 +175,9 @@ class Request:
         # Draft tokens proposed for the next step (speculative decoding); verified by the
         # runner in the same forward as the last known token, never part of the output.
         self.spec_token_ids: list[int] = []
+        self.spec_probs = None  # their draft distributions ([k, vocab] tensor), if the proposer has them
+        self.num_spec_drafted = 0  # drafts verified for this request
+        self.num_spec_accepted = 0  # of which accepted
         # The sample's text, detokenized as tokens are appended (set by the engine core).
         self.output_text = None
 
@@ -243,6 +246,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+    num_spec_accepted_tokens: int = 0  # output tokens that were accepted drafts (all samples)
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,7 @@ class EngineStats:
     steps: int = 0
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_verifications: int = 0  # request-steps that verified drafts
     fast_forward_tokens: int = 0  # tokens a grammar forced (one decode step saved each)
     num_streams: int = 0  # open output streams (AsyncEngine only)
 

@@ -7,9 +7,11 @@ need them: the last position of a request that samples this step, and each draft
 of a speculating one. A prefill chunk that does not end its prompt needs none, and the
 vocabulary projection is the largest single matmul of a small model.
 
-Drafts are verified here, in the same pass: draft i is accepted while it equals what the
-model samples at its position (for the greedy requests that draft today, this is exact), and
-the first mismatch, or the bonus position after k accepted drafts, supplies the next token.
+Drafts are verified here, in the same pass: draft i is accepted while it equals the token the
+sampler returns at its position (the argmax, a draw from the target with the position's own
+random number, or, for a draft with probabilities, the draft itself with probability
+min(1, p/q)); the first mismatch, or the bonus position after k accepted drafts, supplies the
+next token.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from metroline.attention.backend import AttentionBackend, SeqInfo
 from metroline.engine.request import ModelRunnerOutput, SampledTokens
 from metroline.engine.sampler import Sampler
+from metroline.engine.speculative import num_taken
 from metroline.model.llama import LlamaForCausalLM
 from metroline.platform import threads_for_step
 
@@ -36,7 +39,6 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size, seed)
         # The thread count set at start-up (--threads) is the most a step uses.
         self.max_threads = torch.get_num_threads()
-        self._threads = self.max_threads
         self._whole_step_kernel = model.runs_layers_in_one_call(backend)
 
     @staticmethod
@@ -73,9 +75,8 @@ class ModelRunner:
         dev = self.device
         if dev.type == "cpu":
             threads = threads_for_step(len(input_ids), self.max_threads, self._whole_step_kernel)
-            if threads != self._threads:
+            if threads != torch.get_num_threads():  # another runner (a draft model's) may have set it
                 torch.set_num_threads(threads)
-                self._threads = threads
         meta = self.backend.build_metadata(seqs, self.block_size, dev)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev),
                             torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -89,13 +90,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         row_reqs = [s.request for s, _ in sampling for _ in range(s.num_logits)]
         row_drafts = [s.spec_token_ids[:j] for s, _ in sampling for j in range(s.num_logits)]
-        results = self.sampler(logits, row_reqs, row_drafts)
+        row_q = None
+        if any(s.spec_probs is not None for s, _ in sampling):
+            row_q = [s.spec_probs[j] if s.spec_probs is not None and j < len(s.spec_token_ids) else None
+                     for s, _ in sampling for j in range(s.num_logits)]
+        results = self.sampler(logits, row_reqs, row_drafts, row_q)
         for s, first in sampling:
             res = results[first:first + s.num_logits]
-            n = 1  # tokens taken: accepted drafts, then the model's own token
-            while n < len(res) and res[n - 1].token_id == s.spec_token_ids[n - 1]:
-                n += 1
-            res = res[:n]
+            res = res[:num_taken([r.token_id for r in res], s.spec_token_ids)]
             error = next((r.error for r in res if r.error), None)
             lps = ([(r.token_id, r.logprob, r.top_logprobs) for r in res]
                    if res[0].logprob is not None else None)

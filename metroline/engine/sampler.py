@@ -4,9 +4,11 @@ Order of operations on each row of logits (float32):
   logits processors -> logit_bias -> repetition / presence / frequency penalties
   -> min_tokens mask (EOS and stop ids) -> [logprobs are taken here] -> greedy argmax, or
   temperature -> top-k -> top-p -> min-p -> draw.
-Draws use the exponential-race trick (argmax of p / E, E ~ Exp(1)) with noise from the
-request's own generator, so a seeded request samples the same tokens whatever else shares
-its batch.
+A sampled row draws by inverse CDF with one uniform number. A seeded request's number for
+output position t is a hash of (seed, t) (position_uniform), so it samples the same tokens
+whatever else shares its batch, and with or without speculative decoding: a draft is accepted
+when the token drawn at its position equals it, which for drafts without probabilities is
+exact rejection sampling (see engine/speculative.py).
 """
 
 from __future__ import annotations
@@ -28,42 +30,62 @@ class SampleResult:
     error: str | None = None  # the request's logits processor raised: it fails alone
 
 
+_MASK64 = 2**64 - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a well-mixed 64-bit value from any 64-bit input."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_uniform(seed: int, position: int, stream: int = 0) -> float:
+    """A uniform number in [0, 1) for one output position of a seeded request: a function of
+    (seed, position, stream) alone, so the token at a position does not depend on how many
+    positions were drawn before it (drafts verified and thrown away, batch composition)."""
+    x = _mix64((seed * 0x9E3779B97F4A7C15 + position) & _MASK64)
+    x = _mix64((x + stream * 0xD1B54A32D192ED03) & _MASK64)
+    return (x >> 11) * 2.0**-53
+
+
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
         self._default_gen = torch.Generator().manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
 
-    def _generator(self, req: Request) -> torch.Generator:
-        if req.sampling_params.seed is None:
-            return self._default_gen
-        g = self._generators.get(req.request_id)
-        if g is None:
-            # Siblings of an n > 1 request get distinct but reproducible streams.
-            # Any Python int is a valid seed: reduce it to the generator's 64-bit range (a negative
-            # seed already maps there the same way), so a huge one cannot fail the step.
-            seed = (req.sampling_params.seed + 1_000_003 * req.sample_index) % 2**64
-            g = torch.Generator().manual_seed(seed)
-            self._generators[req.request_id] = g
-        return g
-
-    def release(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+    def _uniform(self, req: Request, position: int, stream: int = 0) -> float:
+        """The random number of a row: a seeded request's from its seed and the position (its
+        siblings of n > 1 get distinct streams; any Python int is a valid seed), the others'
+        from the engine's generator."""
+        seed = req.sampling_params.seed
+        if seed is None:
+            return float(torch.rand(1, dtype=torch.float64, generator=self._default_gen))
+        return position_uniform((seed + 1_000_003 * req.sample_index) & _MASK64, position, stream)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, reqs: Sequence[Request],
-                 drafts: Sequence[Sequence[int]] | None = None) -> list[SampleResult]:
+                 drafts: Sequence[Sequence[int]] | None = None,
+                 draft_probs: Sequence[torch.Tensor | None] | None = None) -> list[SampleResult]:
         """One token per row. `drafts[i]`: the draft tokens before row i's position (a
-        speculating request has rows for [], [d0], [d0, d1], ...); processors, masks and
-        min_tokens see the output as if those drafts were accepted."""
+        speculating request has rows for [], [d0], [d0, d1], ...); processors, masks, penalties
+        and min_tokens see the output as if those drafts were accepted. `draft_probs[i]`: the
+        draft distribution q of the draft at row i's position, when its proposer has one: the
+        row then accepts that draft with probability min(1, p/q) or returns a token from the
+        residual (p - q)+ (see engine/speculative.py)."""
         B, V = logits.shape
         params = [r.sampling_params for r in reqs]
         errors: dict[int, str] = {}
         drafts = drafts if drafts is not None and any(drafts) else None
+        positions = [r.num_output_tokens + (len(drafts[i]) if drafts is not None else 0)
+                     for i, r in enumerate(reqs)]
+        checks = None
+        if draft_probs is not None and any(q is not None for q in draft_probs):
+            checks = {i: q for i, q in enumerate(draft_probs) if q is not None}
         if not any(_edits_logits(r, sp) for r, sp in zip(reqs, params)):
             # The common case (no processor, bias, penalty or min_tokens mask): nothing edits
             # the rows, so no copy of the [B, vocab] logits and no per-request loop.
-            return self._draw(logits.float(), reqs, params, errors)
+            return self._draw(logits.float(), reqs, params, errors, positions, checks)
         # Work on a float32 copy: the caller's tensor is never modified.
         logits = logits.to(torch.float32, copy=True)
         maskers: list[tuple[int, MaskingProcessor]] = []
@@ -102,16 +124,17 @@ class Sampler:
                 continue
             for i in rows:
                 logits[i].masked_fill_(~masks[len(drafts[i])].to(logits.device), float("-inf"))
-        self._apply_penalties(logits, reqs)
+        self._apply_penalties(logits, reqs, drafts)
         for i, (r, sp) in enumerate(zip(reqs, params)):
             if r.num_output_tokens + (len(drafts[i]) if drafts is not None else 0) < sp.min_tokens:
                 banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(r.eos_token_ids))
                 if banned:
                     logits[i, list(banned)] = float("-inf")
 
-        return self._draw(logits, reqs, params, errors)
+        return self._draw(logits, reqs, params, errors, positions, checks)
 
-    def _draw(self, logits: torch.Tensor, reqs, params, errors: dict[int, str]) -> list[SampleResult]:
+    def _draw(self, logits: torch.Tensor, reqs, params, errors: dict[int, str], positions: list[int],
+              checks: dict[int, torch.Tensor] | None = None) -> list[SampleResult]:
         """Logprobs, then the greedy / sampled token of every row (one host transfer)."""
         want_lp = [sp.logprobs is not None for sp in params]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
@@ -133,9 +156,11 @@ class Sampler:
             # CUDA tensor cannot draw from a CPU generator), which also makes a seeded request
             # draw the same tokens on any device.
             cdf = probs.double().cumsum(dim=-1)
-            u = torch.cat([torch.rand(1, dtype=torch.float64, generator=self._generator(reqs[i]))
-                           for i in sample_rows]).to(probs.device).unsqueeze(1) * cdf[:, -1:]
+            u = torch.tensor([self._uniform(reqs[i], positions[i]) for i in sample_rows], dtype=torch.float64)
+            u = u.to(probs.device).unsqueeze(1) * cdf[:, -1:]
             tokens[idx] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(probs.shape[1] - 1)
+            if checks:
+                self._check_drafts(tokens, probs, sample_rows, reqs, positions, checks)
 
         tok_list = tokens.tolist()
         results = []
@@ -152,6 +177,37 @@ class Sampler:
                     res.top_logprobs = []
             results.append(res)
         return results
+
+    def _check_drafts(self, tokens, probs, sample_rows, reqs, positions, checks) -> None:
+        """Rows whose draft came with its probability q: accept the draft d with probability
+        min(1, p(d) / q(d)), otherwise draw from (p - q)+ normalized (stream 1 of the row's
+        random numbers; stream 0 decided the acceptance)."""
+        for k, i in enumerate(sample_rows):
+            q = checks.get(i)
+            if q is None:
+                continue
+            d = self._draft_at(reqs[i], positions[i])
+            if d is None:
+                continue
+            p = probs[k].double()
+            q = q.to(p.device, torch.float64)
+            if self._uniform(reqs[i], positions[i]) * float(q[d]) < float(p[d]):
+                tokens[i] = d
+                continue
+            residual = (p - q).clamp_min_(0)
+            total = float(residual.sum())
+            if total <= 0:  # p == q: any draft would have been accepted; keep the sample
+                continue
+            cdf = residual.cumsum(0)
+            u = self._uniform(reqs[i], positions[i], stream=1) * float(cdf[-1])
+            tokens[i] = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64, device=p.device),
+                                               right=True).clamp_max_(p.shape[0] - 1))
+
+    @staticmethod
+    def _draft_at(req: Request, position: int) -> int | None:
+        """The draft token at output position `position` of a speculating request."""
+        j = position - req.num_output_tokens
+        return req.spec_token_ids[j] if 0 <= j < len(req.spec_token_ids) else None
 
     @staticmethod
     def _apply_masks(logits: torch.Tensor, maskers: list, errors: dict[int, str]) -> None:
@@ -191,19 +247,20 @@ class Sampler:
                 logits[r].masked_fill_(f, float("-inf"))
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
+    def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request], drafts=None) -> None:
         for i, r in enumerate(reqs):
             sp = r.sampling_params
+            prefix = list(drafts[i]) if drafts is not None else []
             if sp.repetition_penalty != 1.0:
                 # As in HF/vLLM: over prompt and output tokens; divides positive logits.
-                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.int64, device=logits.device)
+                seen = torch.tensor(sorted(set(r.all_token_ids + prefix)), dtype=torch.int64, device=logits.device)
                 if seen.numel():
                     vals = logits[i, seen]
                     logits[i, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
                                                   vals * sp.repetition_penalty)
-            if (sp.presence_penalty or sp.frequency_penalty) and r.output_token_ids:
+            if (sp.presence_penalty or sp.frequency_penalty) and (r.output_token_ids or prefix):
                 # As in OpenAI: over generated tokens only.
-                out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=logits.device)
+                out = torch.tensor(r.output_token_ids + prefix, dtype=torch.int64, device=logits.device)
                 counts = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
                 counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
                 logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)

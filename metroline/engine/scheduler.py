@@ -46,6 +46,7 @@ class ScheduledRequest:
     # Drafts scheduled after the known tokens (the last len() of num_new_tokens); the runner
     # computes logits for each of them plus one more position.
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: object = None  # [len(spec_token_ids), vocab] draft distributions, or None
 
     @property
     def num_logits(self) -> int:
@@ -81,6 +82,7 @@ class Scheduler:
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model
         self.num_spec_draft_tokens = 0  # draft tokens verified
         self.num_spec_accepted_tokens = 0  # of which accepted
+        self.num_spec_verifications = 0  # request-steps that verified drafts
         self.num_prefill_chunks = 0  # times a request's known tokens were split across steps
         self.num_fast_forward_tokens = 0  # tokens a grammar forced, appended without a step each
 
@@ -120,7 +122,11 @@ class Scheduler:
                 continue
             # Drafts that do not fit this step's budget are dropped (they stay a proposal).
             num_known = req.num_tokens - req.num_computed_tokens
-            del req.spec_token_ids[max(0, num_new - num_known):]
+            keep = max(0, num_new - num_known)
+            if keep < len(req.spec_token_ids):
+                del req.spec_token_ids[keep:]
+                if req.spec_probs is not None:
+                    req.spec_probs = req.spec_probs[:keep] if keep else None
             while True:
                 if self.kv.allocate_slots(req, num_new) is not None:
                     break
@@ -173,6 +179,7 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             req.spec_token_ids.clear()  # a request drafts only once it decodes
+            req.spec_probs = None
             if self.kv.allocate_slots(req, num_new, hits) is None:
                 # With nothing running, only pins can hold the memory it needs: release them
                 # (oldest first) rather than wait for their expiry.
@@ -198,7 +205,7 @@ class Scheduler:
             self.num_prefill_chunks += 1
         out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens,
                                               self.kv.get_block_ids(req.request_id), sample,
-                                              list(req.spec_token_ids)))
+                                              list(req.spec_token_ids), req.spec_probs))
         out.num_batched_tokens += num_new
 
     def token_budget(self, req: Request) -> int:
@@ -223,6 +230,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         req.spec_token_ids.clear()
+        req.spec_probs = None
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -262,6 +270,11 @@ class Scheduler:
                 if num_spec + 1 > len(new):
                     self.kv.rollback(req, num_spec + 1 - len(new))
             req.spec_token_ids = []
+            req.spec_probs = None
+            if num_spec:
+                self.num_spec_verifications += 1
+                req.num_spec_drafted += num_spec
+                req.num_spec_accepted += len(new) - 1
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             status, appended = self._append(req, new, res.logprobs if res is not None else None)

@@ -64,6 +64,14 @@ class _EngineCollector:
                       s.spec_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
                       s.spec_accepted_tokens)
+        yield counter("spec_decode_num_verifications", "Request-steps that verified drafts.",
+                      s.spec_verifications)
+        yield gauge("spec_decode_acceptance_rate", "Accepted / drafted tokens since start.",
+                    s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0)
+        yield gauge("spec_decode_mean_accepted_length",
+                    "Tokens per verifying step (accepted drafts + the model's own token).",
+                    (s.spec_accepted_tokens + s.spec_verifications) / s.spec_verifications
+                    if s.spec_verifications else 0.0)
         yield counter("grammar_fast_forward_tokens",
                       "Tokens a grammar forced, appended without a decode step each.",
                       s.fast_forward_tokens)

@@ -117,7 +117,11 @@ def _usage(run: Run, prompts: list[list[int]]) -> dict:
     completion = sum(run.num_output_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(run.num_cached_tokens)}}
+            "prompt_tokens_details": {"cached_tokens": sum(run.num_cached_tokens)},
+            # Output tokens that were speculative drafts the model accepted (OpenAI's field for
+            # predicted outputs; drafts rejected are not billed, so their count is 0).
+            "completion_tokens_details": {"accepted_prediction_tokens": sum(run.num_accepted_draft_tokens),
+                                          "rejected_prediction_tokens": 0}}
 
 
 # ---------------------------------------------------------------------------- logprobs

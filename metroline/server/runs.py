@@ -78,6 +78,7 @@ class Run:
         self.first_token_time: list[float | None] = [None] * len(prompts)
         self.num_output_tokens = [0] * len(prompts)
         self.num_cached_tokens = [0] * len(prompts)
+        self.num_accepted_draft_tokens = [0] * len(prompts)
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
         self._request = request
@@ -185,6 +186,7 @@ class Run:
             metrics.ttft.observe(now - self.arrival)
         self.num_output_tokens[i] += n_new
         self.num_cached_tokens[i] = max(self.num_cached_tokens[i], out.num_cached_tokens)
+        self.num_accepted_draft_tokens[i] = max(self.num_accepted_draft_tokens[i], out.num_spec_accepted_tokens)
         if out.finished:
             self._open -= 1
             reasons = [o.finish_reason for o in out.outputs if o.finish_reason]

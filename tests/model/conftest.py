@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from metroline.datasets import iter_sharegpt
 from metroline.model.default import default_model_path
 from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
 from metroline.tokenizer import Tokenizer
@@ -30,3 +31,19 @@ def tokenizer(gguf_meta: dict) -> Tokenizer:
 def hf_tokenizer(gguf_path: str):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+@pytest.fixture(scope="session")
+def sharegpt_prompts(default_loaded):
+    """32 prompts of mixed lengths (4..~400 tokens) from real ShareGPT conversations."""
+    tok = default_loaded.tokenizer
+    lengths = [4, 9, 17, 33, 60, 120, 250, 400] * 4
+    prompts = []
+    for rec, n in zip((r for r in iter_sharegpt(limit=200) if r["conversations"]), lengths * 100):
+        ids = tok.encode(rec["conversations"][0]["value"])
+        if len(ids) >= n:
+            prompts.append(ids[:n])
+        if len(prompts) == 32:
+            break
+    assert len(prompts) == 32
+    return prompts

@@ -7,7 +7,6 @@ import itertools
 import pytest
 
 from metroline.config import CacheConfig, SchedulerConfig
-from metroline.datasets import iter_sharegpt
 from metroline.engine.core import EngineCore
 from metroline.engine.llm import accumulate
 from metroline.engine.request import SamplingParams
@@ -36,22 +35,6 @@ def _assert_pool_empty(core: EngineCore) -> None:
     assert core.kv_manager.num_free_blocks == core.num_blocks
     assert not core.scheduler.has_unfinished_requests()
     assert not core.groups
-
-
-@pytest.fixture(scope="module")
-def sharegpt_prompts(default_loaded):
-    """32 prompts of mixed lengths (4..~400 tokens) from real ShareGPT conversations."""
-    tok = default_loaded.tokenizer
-    lengths = [4, 9, 17, 33, 60, 120, 250, 400] * 4
-    prompts = []
-    for rec, n in zip((r for r in iter_sharegpt(limit=200) if r["conversations"]), lengths * 100):
-        ids = tok.encode(rec["conversations"][0]["value"])
-        if len(ids) >= n:
-            prompts.append(ids[:n])
-        if len(prompts) == 32:
-            break
-    assert len(prompts) == 32
-    return prompts
 
 
 def test_batched_equals_solo_with_preemption_and_chunked_prefill(default_loaded, sharegpt_prompts):

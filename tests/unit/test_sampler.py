@@ -387,13 +387,28 @@ def test_different_seeds_differ_and_same_seed_repeats():
     assert a == a2
 
 
-def test_siblings_of_n_get_distinct_streams_and_release_restarts():
+def test_siblings_of_n_get_distinct_streams_and_a_position_its_own_number():
     s = Sampler(V)
     a = draw_seq(s, req(rid="g#0", seed=5, sample_index=0), _row)
     b = draw_seq(s, req(rid="g#1", seed=5, sample_index=1), _row)
     assert a != b
-    s.release("g#0")
     assert draw_seq(s, req(rid="g#0", seed=5, sample_index=0), _row) == a
+    # The number drawn at a position depends on the position alone, not on what was drawn
+    # before it (rows verified and thrown away by speculative decoding draw nothing ahead).
+    late = req(rid="late", seed=5, sample_index=0)
+    late.output_token_ids = list(a[:10])
+    assert [s(rows(_row(10, late)), [late])[0].token_id] == a[10:11]
+
+
+def test_position_uniform_is_uniform():
+    from metroline.engine.sampler import position_uniform
+
+    xs = torch.tensor([position_uniform(7, t) for t in range(20000)])
+    assert 0 <= float(xs.min()) and float(xs.max()) < 1
+    counts = torch.histc(xs, bins=10, min=0, max=1)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 27.9  # 9 degrees of freedom, p = 0.001
+    assert position_uniform(7, 3) != position_uniform(8, 3) != position_uniform(7, 3, stream=1)
 
 
 def test_huge_and_negative_seeds_are_accepted():
