@@ -73,7 +73,7 @@ class SpeculativeConfig:
     this request and recent outputs), "draft:MODEL" (a model sharing the vocabulary; MODEL a
     path, or "layers=N": the target's own first N layers)."""
     method: str | None = None
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8  # at most; the policy picks fewer when acceptance is low
     # Above this many decoding requests nobody drafts (the step stops being bound by reading
     # the weights, so verifying drafts costs what they save); None: no limit.
     max_batch: int | None = 8

@@ -25,3 +25,22 @@ class QueueFullError(MetrolineError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop has died or was shut down; no request can be served."""
+
+
+class RequestFailure(str):
+    """Why one request failed inside the engine (the message, as a str), and whether its own
+    input caused it (`invalid_input`: e.g. a grammar that leads nowhere with this vocabulary),
+    which the server answers with a 400 rather than a 500."""
+
+    invalid_input: bool
+
+    def __new__(cls, message: str, invalid_input: bool = False):
+        self = super().__new__(cls, message)
+        self.invalid_input = invalid_input
+        return self
+
+
+def processor_failure(e: BaseException) -> RequestFailure:
+    """The failure of a request whose logits processor raised `e`."""
+    return RequestFailure(f"logits processor failed: {type(e).__name__}: {e}",
+                          invalid_input=isinstance(e, InvalidRequestError))

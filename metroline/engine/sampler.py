@@ -20,6 +20,7 @@ import torch
 
 from metroline.engine.processors import MaskingProcessor, fit_mask
 from metroline.engine.request import Request
+from metroline.errors import processor_failure
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Sampler:
                         ids = r.output_token_ids if not prefix else [*r.output_token_ids, *prefix]
                         logits[i] = proc(ids, logits[i])
             except Exception as e:
-                errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                errors[i] = processor_failure(e)
                 logits[i] = 0.0  # any finite row: its token is discarded
             if sp.logit_bias:
                 ids = torch.tensor(list(sp.logit_bias.keys()), dtype=torch.int64)
@@ -119,7 +120,7 @@ class Sampler:
                 masks = fit_mask(proc.allowed_ahead(drafts[rows[-1]]), V)
             except Exception as e:
                 for i in rows:
-                    errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                    errors[i] = processor_failure(e)
                     logits[i] = 0.0
                 continue
             for i in rows:
@@ -229,7 +230,7 @@ class Sampler:
                         masks.append(p.allowed().unsqueeze(0))
                         rows.append(i)
                     except Exception as e:
-                        errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                        errors[i] = processor_failure(e)
                         logits[i] = 0.0
         if not rows:
             return

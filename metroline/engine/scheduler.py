@@ -30,7 +30,7 @@ from typing import Iterable
 from metroline.config import SchedulerConfig
 from metroline.engine.processors import forced_tokens, notify_accept
 from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus
-from metroline.errors import QueueFullError
+from metroline.errors import QueueFullError, processor_failure
 from metroline.kv.kv_manager import KVCacheManager
 
 __all__ = ["QueueFullError", "ScheduledRequest", "Scheduler", "SchedulerOutput"]
@@ -306,7 +306,7 @@ class Scheduler:
             try:
                 notify_accept(req.logits_processors, tokens[:appended])
             except Exception as e:
-                req.error = f"logits processor failed: {type(e).__name__}: {e}"
+                req.error = processor_failure(e)
                 status = RequestStatus.FINISHED_ERROR
         return status, appended
 
@@ -320,7 +320,7 @@ class Scheduler:
         try:
             forced = forced_tokens(req.logits_processors)
         except Exception as e:
-            req.error = f"logits processor failed: {type(e).__name__}: {e}"
+            req.error = processor_failure(e)
             return RequestStatus.FINISHED_ERROR
         if not forced:
             return None

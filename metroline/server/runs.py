@@ -167,7 +167,7 @@ class Run:
             raise self._error
         self._note(i, item)
         if item.error:
-            if "GrammarError" in item.error:  # the request's grammar led nowhere: its input, not us
+            if getattr(item.error, "invalid_input", False):  # e.g. its grammar led nowhere: its input
                 err = APIError(400, f"the output cannot follow the requested grammar: {item.error}",
                                "invalid_request_error", None, "grammar_failed")
             else:

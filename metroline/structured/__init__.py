@@ -19,15 +19,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from metroline.errors import InvalidRequestError
+
 KINDS = ("json_schema", "json_object", "regex", "lark", "choice")
 
 
-class GrammarError(ValueError):
-    """A grammar, schema or regex that cannot be compiled (the message says why)."""
+class GrammarError(InvalidRequestError):
+    """A grammar, schema or regex that cannot be compiled, or that leads nowhere while a
+    request decodes (the message says why): the request's input, never the engine's fault."""
 
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 @dataclass(frozen=True)

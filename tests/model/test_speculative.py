@@ -114,3 +114,23 @@ def test_the_model_as_its_own_draft_is_always_right(default_loaded, jobs, refere
     assert run(core, some, concurrent=True) == {rid: reference[rid] for rid, _, _ in some}
     st = core.get_stats()
     assert st.spec_draft_tokens > 20 and st.spec_accepted_tokens == st.spec_draft_tokens
+
+
+def test_logprobs_stop_strings_and_max_tokens_with_several_tokens_per_step(default_loaded, jobs):
+    """Accepted drafts carry the logprobs their own rows computed (the same as one step at a
+    time), a stop string inside accepted drafts ends the output right there, and max_tokens
+    cuts a step's tokens."""
+    from metroline.engine.llm import LLM
+
+    _, ids, _ = jobs[0]
+    plain = LLM(loaded=default_loaded, num_blocks=256, show_progress=False)
+    spec = LLM(loaded=default_loaded, num_blocks=256, show_progress=False, speculative="ngram")
+    for params in (SamplingParams(temperature=0, max_tokens=48, logprobs=2),
+                   SamplingParams(temperature=0, max_tokens=48, stop=["lens"]),
+                   SamplingParams(temperature=0, max_tokens=13)):
+        a = plain.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        b = spec.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        if params.logprobs is not None:
+            assert [(t, round(lp, 4)) for t, lp, _ in b.logprobs] == [(t, round(lp, 4)) for t, lp, _ in a.logprobs]
+    assert spec.engine.get_stats().spec_accepted_tokens > 0

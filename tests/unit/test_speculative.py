@@ -78,7 +78,7 @@ def test_suffix_learns_from_finished_outputs_and_forgets_the_oldest():
     for i in range(2):
         p.request_finished(req([60 + i, 61 + i], [70 + i, 71 + i, 72 + i]))
     assert p.propose(req([1, 2, 3, 40, 41]), 4).token_ids == []
-    assert all(not any(t in c for t in shape[1:]) for c in p.corpus.next.values())
+    assert all(not any(t in rec[3] for t in shape[1:]) for rec in p.corpus.next.values())
 
 
 def test_suffix_follows_the_most_frequent_continuation_and_its_probability():
@@ -100,22 +100,39 @@ def test_suffix_draft_length_follows_the_match_length():
 
 
 def test_policy_adapts_k_probes_and_stops_above_max_batch():
-    pol = SpeculationPolicy(k_max=5, max_batch=4, min_rate=0.2, probe_every=3)
+    pol = SpeculationPolicy(k_max=5, max_batch=4, probe_every=3)
     r = req([1, 2])
-    assert pol.num_drafts(r, batch_size=1) == 5
+    assert pol.num_drafts(r, batch_size=1) == pol.best_k(pol.prior) > 0
     assert pol.num_drafts(r, batch_size=5) == 0  # the batch is too large to pay
     for _ in range(8):  # every draft rejected
         r.num_spec_drafted += 5
         pol.observe(r)
+    assert pol.acceptance(r.request_id) < 0.15
     assert [pol.num_drafts(r, 1) for _ in range(6)] == [0, 0, 1, 0, 0, 1]  # probes now and then
     for _ in range(8):  # then everything accepted
         r.num_spec_drafted += 5
         r.num_spec_accepted += 5
         pol.observe(r)
-    assert pol.num_drafts(r, 1) == 5
+    assert pol.acceptance(r.request_id) > 0.9 and pol.num_drafts(r, 1) == 5
     pol.forget(r.request_id)
-    assert pol._rate == {} and pol._seen == {}
+    assert pol._stats == {} and pol._seen == {}
     assert SpeculationPolicy(k_max=3, adaptive=False, max_batch=None).num_drafts(r, 100) == 3
+
+
+def test_best_k_maximizes_tokens_per_cost():
+    """k maximizes (1 + a + ... + a^k) / (1 + step_cost * k): none when a draft is less likely
+    to be accepted than it costs, more the likelier it is."""
+    pol = SpeculationPolicy(k_max=8, step_cost=0.14)
+    assert pol.best_k(0.1) == 0 and pol.best_k(0.3) == 1
+    ks = [pol.best_k(a / 10) for a in range(11)]
+    assert ks == sorted(ks) and ks[-1] == 8
+    for a in (0.5, 0.8):
+        rate = [sum(a ** i for i in range(k + 1)) / (1 + 0.14 * k) for k in range(9)]
+        assert pol.best_k(a) == max(range(9), key=rate.__getitem__)
+    # In a batch a draft costs more relative to what the step yields: fewer drafts.
+    assert pol.draft_cost(8) == pytest.approx(0.14 * 8 / 2.4)
+    assert pol.best_k(0.6, batch_size=8) < pol.best_k(0.6) and pol.best_k(0.3, batch_size=8) == 0
+    assert pol.best_k(0.97, batch_size=8) > 2
 
 
 def test_make_proposer_and_num_taken():
@@ -239,3 +256,26 @@ def test_seeded_speculative_sampling_repeats_and_equals_plain_sampling():
     plain = sample_pairs(200, 0, False, seed=5)
     assert torch.equal(sample_pairs(200, 3, False, seed=5), plain)
     assert torch.equal(sample_pairs(200, 2, False, seed=5), plain)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=2, max_size=12), min_size=1, max_size=6), st.integers(0, 5))
+def test_suffix_counts_match_a_recount(seqs, drop):
+    """The kept totals and leaders equal a count from scratch, after adding sequences and
+    removing some again."""
+    from metroline.engine.speculative import _Counts
+
+    c = _Counts(3)
+    for s_ in seqs:
+        c.add(s_, 1)
+    for s_ in seqs[:drop]:
+        c.add(s_, 1, sign=-1)
+    want: dict = {}
+    for s_ in seqs[drop:]:
+        for i in range(1, len(s_)):
+            for n in range(1, min(3, i) + 1):
+                d = want.setdefault(tuple(s_[i - n:i]), {})
+                d[s_[i]] = d.get(s_[i], 0) + 1
+    assert {k: rec[3] for k, rec in c.next.items()} == want
+    for k, rec in c.next.items():
+        assert rec[0] == sum(want[k].values()) and rec[2] == max(want[k].values()) == want[k][rec[1]]
