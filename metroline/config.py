@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from metroline.errors import InvalidRequestError
 
 
+# How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
+# a packed format, or dequantized.
+WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "fp32", "bf16", "fp16")
+
+
 def _require(cond: bool, msg: str, param: str) -> None:
     if not cond:
         raise InvalidRequestError(msg, param=param)
@@ -75,8 +80,9 @@ class SpeculativeConfig:
     method: str | None = None
     num_speculative_tokens: int = 8  # at most; the policy picks fewer when acceptance is low
     # Above this many decoding requests nobody drafts (the step stops being bound by reading
-    # the weights, so verifying drafts costs what they save); None: no limit.
-    max_batch: int | None = 8
+    # the weights, so verifying drafts costs what they save; measured on 2 CPU cores,
+    # benchmarks/speculative.py: 1.17x at 4, 1.02x at 8, 0.91x at 16); None: no limit.
+    max_batch: int | None = 6
     adaptive: bool = True  # k per request from its recent acceptance
 
     def __post_init__(self):
@@ -92,7 +98,7 @@ class SpeculativeConfig:
 class ModelConfig:
     model: str | None = None  # path to .gguf / HF folder / hub id; None: the default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    weights: str = "auto"  # auto | packed | fp32 | bf16 | fp16 (resolved by platform.resolve_weights)
+    weights: str = "auto"  # one of WEIGHT_CHOICES (resolved by platform.resolve_weights)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     seed: int = 0
@@ -100,7 +106,7 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
-        _require(self.weights in ("auto", "packed", "fp32", "bf16", "fp16"),
+        _require(self.weights in WEIGHT_CHOICES,
                  f"unsupported weight format {self.weights!r}", "weights")
 
 

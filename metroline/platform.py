@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from metroline.config import WEIGHT_CHOICES
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -80,14 +82,17 @@ def resolve_threads(threads: int | None) -> int:
     return threads if threads else physical_cores()
 
 
-WEIGHT_CHOICES = ("auto", "packed", "fp32", "bf16", "fp16")
+# The packed formats a model can be quantized into at load (--weights q8_0 | q4_0 | q4_1).
+PACKED_TARGETS = ("q8_0", "q4_0", "q4_1")
 
 
 def resolve_weights(weights: str, device: torch.device, source_kind: str,
                     kernels_available: bool) -> str:
     """How weights are held: 'packed' (GGUF Q8_0/Q4_0/Q4_1 kept as stored and computed on by
-    the C++ kernels), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto: packed for a GGUF on
-    the CPU when the kernels are built; bf16 on CUDA until a GPU kernel exists; else fp32."""
+    the C++ kernels), 'q8_0' / 'q4_0' / 'q4_1' (every matrix quantized into that packed format
+    at load, whatever the file stores), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto:
+    packed for a GGUF on the CPU when the kernels are built; bf16 on CUDA until a GPU kernel
+    exists; else fp32."""
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_CHOICES)})")
     if weights != "auto":

@@ -230,7 +230,7 @@ class SpeculationPolicy:
     request whose k is 0 drafts one token every `probe_every` steps, to notice when its text
     turns predictable. Above `max_batch` decoding requests nobody drafts."""
 
-    def __init__(self, k_max: int, max_batch: int | None = 8, adaptive: bool = True,
+    def __init__(self, k_max: int, max_batch: int | None = 6, adaptive: bool = True,
                  decay: float = 0.8, step_cost: float = 0.14, batch_slope: float = 0.2,
                  prior: float = 0.7, probe_every: int = 4):
         self.k_max = k_max

@@ -57,9 +57,15 @@ class GGUFFile:
             raise ModelLoadError(f"unsupported GGUF version {version}: {path}")
         n_tensors, n_kv = self._unpack("<QQ")
         self.metadata: dict[str, Any] = {}
+        # key -> (value type, element type of an array or None): what a writer needs to copy it
+        self.metadata_types: dict[str, tuple[int, int | None]] = {}
         for _ in range(n_kv):
             key = self._string()
             (vtype,) = self._unpack("<I")
+            etype = None
+            if vtype == _ARRAY:
+                (etype,) = struct.unpack_from("<I", self._mm, self._pos)
+            self.metadata_types[key] = (vtype, etype)
             self.metadata[key] = self._value(vtype)
         infos = []
         for _ in range(n_tensors):

@@ -21,7 +21,7 @@ from metroline.errors import ModelLoadError
 from metroline.model.default import DEFAULT_MODEL_NAME, default_model_path
 from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
 from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
-from metroline.platform import (huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
+from metroline.platform import (PACKED_TARGETS, huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
                                 resolve_weights)
 from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, place_packed_weights, swap_in_packed_layers
 
@@ -342,6 +342,12 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
                       for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
         raw_names = {n for n, ty in stored.items() if ty in PACKABLE}
         weights = lambda bar: iter_gguf_weights(reader, config, bar, raw_names)  # noqa: E731
+        if held in PACKED_TARGETS:  # matrices already in the target kept as stored, others quantized
+            target = int(_ggml_type(held))
+            kept = {n for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2
+                    for n in [_fused_name(gguf_name_to_hf(t.name))]
+                    if int(t.tensor_type) == (int(_ggml_type("q8_0")) if n in _KEEP_HIGH else target)}
+            weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
         file_bytes = os.path.getsize(source.path)
     else:
         cfg_path = os.path.join(source.path, "config.json")
@@ -363,13 +369,19 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         max_len = min(max_len, config.extra["sliding_window"])
     with torch.device("meta"):
         net = LlamaForCausalLM(config, max_positions=max_len)
-    if held == "packed" and source.kind != "gguf":
-        # A safetensors checkpoint is quantized at load: each matrix to Q8_0 (int8, one fp16
-        # scale per 32 weights of a row), then computed on by the same packed kernels.
-        stored = {n: int(kernels.Q8_0) for n in _matrix_names(net, config)}
+    if held in PACKED_TARGETS or (held == "packed" and source.kind != "gguf"):
+        # Quantized at load: each matrix to the target format (packed: Q8_0 for a safetensors
+        # checkpoint, int8 with one fp16 scale per 32 weights of a row), then computed on by
+        # the same packed kernels. Matrices already in the format pass as stored.
+        target = int(_ggml_type(held if held in PACKED_TARGETS else "q8_0"))
+        # Under a 4-bit target the embedding and the output projection stay in Q8_0, as
+        # llama.cpp's own quantizer keeps them (the tensors a 4-bit error hurts most).
+        high = int(_ggml_type("q8_0"))
+        stored = {n: high if n in _KEEP_HIGH else target for n in _matrix_names(net, config)}
         raw_names = set(stored)
-        hf_weights = weights
-        weights = lambda bar: _quantized_q8_0(hf_weights(bar), raw_names)  # noqa: E731
+        src_weights = weights
+        weights = lambda bar: _quantized(src_weights(bar), stored)  # noqa: E731
+        held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
             net, stored, "model.embed_tokens" if config.tie_word_embeddings else None, "lm_head")
@@ -413,17 +425,28 @@ def _matrix_names(net, config) -> list[str]:
     return names
 
 
-def _quantized_q8_0(weights, raw_names: set[str]):
+def _ggml_type(fmt: str):
+    from gguf import GGMLQuantizationType as Q
+
+    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[fmt]
+
+
+_KEEP_HIGH = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _quantized(weights, targets: dict[str, int]):
+    """fp32 matrices named in `targets` quantized to their type (round to nearest, per
+    32-weight block, as llama.cpp does); RawWeights already stored pass as they are."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
     for name, t in weights:
-        if _fused_name(name) in raw_names and t.dim() == 2:
-            rows = quantize(t.float().numpy(), GGMLQuantizationType.Q8_0)
-            yield name, RawWeight(torch.from_numpy(rows), int(GGMLQuantizationType.Q8_0),
-                                  tuple(t.shape))
-        else:
+        qtype = targets.get(_fused_name(name))
+        if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
+        else:
+            rows = quantize(t.float().numpy(), GGMLQuantizationType(qtype))
+            yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 
 
 def _fused_name(hf_name: str) -> str:
