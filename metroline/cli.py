@@ -542,7 +542,7 @@ def cmd_eval(args) -> int:
 
 def cmd_quantize(args) -> int:
     from metroline.model.loader import resolve_model_source
-    from metroline.quant.export import ExportError, export_gguf
+    from metroline.model.gguf_export import ExportError, export_gguf
 
     source = resolve_model_source(args.model)
     if source.kind != "gguf":

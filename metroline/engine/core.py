@@ -24,7 +24,7 @@ from metroline.engine.request import (FINISH_REASON, CompletionOutput, EngineInf
                                       SamplingParams)
 from metroline.engine.runner import ModelRunner
 from metroline.engine.scheduler import Scheduler
-from metroline.engine.speculative import SpeculationPolicy, as_draft, make_proposer
+from metroline.engine.speculative import NgramProposer, ProposerBase, SpeculationPolicy, SuffixProposer, as_draft
 from metroline.engine.validation import EngineLimits, validate_request
 from metroline.errors import InvalidRequestError
 from metroline.kv.kv_manager import KVCacheManager
@@ -323,3 +323,17 @@ class EngineCore:
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, finished,
                              num_cached_tokens=num_cached, error=errors[0] if errors else None,
                              num_spec_accepted_tokens=sum(r.num_spec_accepted for r in g.samples))
+
+
+def make_proposer(method: str, loaded=None, core=None, **kwargs) -> ProposerBase:
+    """`ngram`, `suffix` or `draft:MODEL` (MODEL: a path, or `layers=N` for the target's first N
+    layers as its own draft; `core`, the engine, sizes its KV pool)."""
+    if method == "ngram":
+        return NgramProposer(**kwargs)
+    if method == "suffix":
+        return SuffixProposer(**kwargs)
+    if method.startswith("draft:"):
+        from metroline.engine.draft_model import DraftModelProposer  # a model runner of its own
+
+        return DraftModelProposer.create(method.removeprefix("draft:"), loaded, core, **kwargs)
+    raise ValueError(f"unknown speculative method {method!r} (ngram, suffix or draft:MODEL)")

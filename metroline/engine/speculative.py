@@ -21,6 +21,7 @@ Proposers here:
   follows the most frequent continuation of the longest matching context, as long as its
   estimated probability holds, and its length is bounded by the match length.
 - DraftModelProposer (engine/draft_model.py): a small model that shares the vocabulary.
+(engine/core.make_proposer builds one from a --speculative method.)
 
 SpeculationPolicy chooses k per request from its recent acceptance and turns speculation off
 when the batch is large enough that verifying drafts costs more than it saves.
@@ -294,17 +295,3 @@ class SpeculationPolicy:
         self._stats.pop(request_id, None)
         self._skipped.pop(request_id, None)
         self._seen.pop(request_id, None)
-
-
-def make_proposer(method: str, loaded=None, core=None, **kwargs) -> ProposerBase:
-    """`ngram`, `suffix` or `draft:MODEL` (MODEL: a path, or `layers=N` for the target's first N
-    layers as its own draft; `core`, the engine, sizes its KV pool)."""
-    if method == "ngram":
-        return NgramProposer(**kwargs)
-    if method == "suffix":
-        return SuffixProposer(**kwargs)
-    if method.startswith("draft:"):
-        from metroline.engine.draft_model import DraftModelProposer
-
-        return DraftModelProposer.create(method.removeprefix("draft:"), loaded, core, **kwargs)
-    raise ValueError(f"unknown speculative method {method!r} (ngram, suffix or draft:MODEL)")

@@ -19,7 +19,7 @@ PEERS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "pee
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from metroline.quant.export import export_gguf
+    from metroline.model.gguf_export import export_gguf
 
     d = tmp_path_factory.mktemp("export")
     out = {}
@@ -81,7 +81,7 @@ def test_quantization_error_bounds(fmt):
     be a whole step off."""
     from gguf.quants import dequantize, quantize
 
-    from metroline.quant.export import _qtype
+    from metroline.model.gguf_export import _qtype
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 3, (64, 1))).astype(np.float32)

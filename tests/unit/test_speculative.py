@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from metroline.engine.request import Request, SamplingParams
 from metroline.engine.sampler import Sampler
-from metroline.engine.speculative import (Draft, NgramProposer, SpeculationPolicy, SuffixProposer, as_draft,
-                                          make_proposer, num_taken)
+from metroline.engine.core import make_proposer
+from metroline.engine.speculative import Draft, NgramProposer, SpeculationPolicy, SuffixProposer, as_draft, num_taken
 
 _ids = itertools.count()
 
