@@ -53,6 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "context length use, capped by a share of free memory)")
     g.add_argument("--block-size", type=int, default=_CACHE.block_size,
                    help="tokens per KV cache block")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="fit weights + KV cache in SIZE (e.g. 300MB): picks the most faithful weight "
+                        "format that leaves room for one sequence of the context, the rest for KV; "
+                        "refuses, saying what would fit, when none does")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the kernels (default: the physical cores)")
     g.add_argument("--speculative", default=None, metavar="METHOD",
@@ -121,9 +125,24 @@ def _weights_line(loaded, info) -> str:
     return info.dtype + mb
 
 
+def _apply_max_memory(args) -> None:
+    """--max-memory: set --weights and --kv-cache-memory from the plan (and say so)."""
+    if not args.max_memory:
+        return
+    from metroline.model.memory import parse_size, plan_memory
+
+    if args.weights != "auto" or args.kv_cache_memory is not None:
+        raise MetrolineError("--max-memory chooses the weights and the KV cache size itself: "
+                             "leave out --weights and --kv-cache-memory")
+    plan = plan_memory(args.model, parse_size(args.max_memory), args.max_model_len, args.block_size)
+    args.weights, args.kv_cache_memory = plan.weights, plan.kv_cache_memory
+    print(plan.describe(), file=sys.stderr)
+
+
 def _make_llm(args, command: str):
     from metroline.engine.llm import LLM
 
+    _apply_max_memory(args)
     threads = _set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               weights=args.weights,
@@ -356,6 +375,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise MetrolineError(str(e)) from None
     spec = _spec_config(args)
+    _apply_max_memory(args)
     cache = CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                         num_blocks=args.num_blocks,

@@ -168,3 +168,29 @@ def test_weights_quantized_at_load_equal_the_exported_file(exported):
     assert run(None, "q4_1")[1:] == run(None, "packed")[1:]
     held4, ids4, _ = run(None, "q4_0")
     assert "Q4_0+Q8_0" in held4 and len(ids4) == 16  # 4-bit matrices, the embedding kept in Q8_0
+
+
+def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
+    """--max-memory: the most faithful format that leaves room for one sequence of the
+    context, the rest as KV; q4_0 when only that fits; a one-line refusal saying what would."""
+    from metroline.cli import main
+    from metroline.model.memory import MemoryBudgetError, parse_size, plan_memory
+
+    assert parse_size("300MB") == 300_000_000 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size(1234) == 1234
+    with pytest.raises(Exception, match="cannot read"):
+        parse_size("lots")
+    per_token = 2 * 30 * 3 * 64 * 2
+    p = plan_memory(None, parse_size("300MB"))
+    assert p.weights == "packed" and p.weight_bytes + p.kv_cache_memory == 300_000_000
+    assert p.kv_tokens >= 8192 and p.kv_tokens * per_token <= p.kv_cache_memory
+    small = plan_memory(None, parse_size("150MB"), max_model_len=2048)
+    assert small.weights == "packed" and small.kv_tokens >= 2048
+    tight = plan_memory(None, 96_000_000 + 2048 * per_token, max_model_len=2048)
+    assert tight.weights == "q4_0"  # as stored (96.6 MB) no longer leaves room: 4-bit Q4_0
+    with pytest.raises(MemoryBudgetError, match="give at least 279 MB"):
+        plan_memory(None, parse_size("200MB"))
+    assert main(["generate", "hi", "--max-memory", "50MB"]) == 2
+    assert "give at least" in capsys.readouterr().err
+    assert main(["generate", "Hello", "--max-memory", "200MB", "--max-model-len", "1024", "--max-tokens", "3"]) == 0
+    assert "--max-memory: weights packed" in capsys.readouterr().err
