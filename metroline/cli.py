@@ -1,4 +1,4 @@
-"""`metroline generate | chat | serve | quantize | eval | bench`."""
+"""`metroline generate | chat | serve | quantize | eval | distill | bench`."""
 
 from __future__ import annotations
 
@@ -523,10 +523,37 @@ def build_parser() -> argparse.ArgumentParser:
         e2.add_argument("--output", default=None, help="also write the result as JSON here")
         e2.set_defaults(func=cmd_eval)
 
+    d = sub.add_parser("distill", help="train a smaller student to match a teacher (KL on its logits)",
+                       description="Train a student with --layers decoder layers (initialised from the "
+                                   "teacher's, evenly spread, when --hidden is the teacher's) to match the "
+                                   "teacher's next-token distributions on ShareGPT text; resumes from a "
+                                   "checkpoint in -o; writes a Hugging Face folder metroline loads "
+                                   "(--model DIR, --speculative draft:DIR) and loss.png.")
+    d.add_argument("--teacher", default=None, help="the teacher model (default: the default model)")
+    d.add_argument("--layers", type=int, required=True, help="decoder layers of the student")
+    d.add_argument("--hidden", type=int, default=None, help="hidden size of the student (default: the teacher's)")
+    d.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    d.add_argument("--batch", type=int, default=4, help="sequences per step")
+    d.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine decay)")
+    d.add_argument("-o", "--output", required=True, help="the student's folder (and its checkpoints)")
+    d.set_defaults(func=cmd_distill)
+
     from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline
 
     add_bench_parser(sub)
     return parser
+
+
+def cmd_distill(args) -> int:
+    from metroline.distill import DistillConfig, distill
+
+    cfg = DistillConfig(layers=args.layers, hidden=args.hidden, steps=args.steps, seq_len=args.seq_len,
+                        batch=args.batch, lr=args.lr)
+    r = distill(args.teacher, args.output, cfg)
+    print(f"wrote {r['output']}: {r['parameters'] / 1e6:.1f}M parameters, {r['steps']} steps, "
+          f"KL {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+    return 0
 
 
 def cmd_eval(args) -> int:
