@@ -74,9 +74,14 @@ class DraftModelProposer(ProposerBase):
                 raise ValueError(f"draft:{spec}: N must be an integer") from None
             model = truncated_model(target, n)
         else:
+            from metroline import kernels
             from metroline.model.loader import load_model
 
-            draft_loaded = load_model(spec, show_progress=False)
+            # A checkpoint in 16/32 bits is quantized to Q8_0 at load, as a GGUF is kept packed:
+            # the draft runs on the same kernels as the target.
+            cpu = next(target.parameters()).device.type == "cpu"
+            draft_loaded = load_model(spec, show_progress=False,
+                                      weights="packed" if cpu and kernels.available() else "auto")
             if draft_loaded.config.vocab_size != loaded.config.vocab_size:
                 raise ValueError(f"draft model {spec} has a vocabulary of {draft_loaded.config.vocab_size} "
                                  f"tokens, the model {loaded.config.vocab_size}: they must share it")
