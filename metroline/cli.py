@@ -493,12 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", help="re-quantize a GGUF model and write it as GGUF (llama.cpp loads it)",
+    q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp loads it)",
                        description="Write MODEL's weights in another format as a GGUF file: matrices "
                                    "in --to (a tensor already in it is copied as is), norms in F32, "
                                    "metadata, tokenizer and chat template carried over.")
     q.add_argument("model", nargs="?", default=None,
-                   help="a .gguf file (default: the default model's)")
+                   help="a .gguf file or a Hugging Face folder (default: the default model)")
     q.add_argument("--to", required=True, choices=["q8_0", "q4_0", "q4_1", "f16", "f32"],
                    help="the weight format to write")
     q.add_argument("-o", "--output", required=True, help="the .gguf file to write")
@@ -588,13 +588,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from metroline.model.gguf_export import export_gguf, export_hf_gguf
     from metroline.model.loader import resolve_model_source
-    from metroline.model.gguf_export import ExportError, export_gguf
 
     source = resolve_model_source(args.model)
-    if source.kind != "gguf":
-        raise ExportError(f"quantize reads GGUF files; {source.path} is a {source.kind} checkpoint")
-    info = export_gguf(source.path, args.output, args.to)
+    info = (export_gguf if source.kind == "gguf" else export_hf_gguf)(source.path, args.output, args.to)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))
     print(f"wrote {info['output']}: {info['bytes'] / 1e6:.1f} MB, {info['format']} ({kinds} tensors)")
     return 0

@@ -1,5 +1,8 @@
 """GGUF export: a model file re-quantized into one of the formats the kernels run, written
-with the `gguf` package so that llama.cpp-family runtimes load it.
+with the `gguf` package so that llama.cpp-family runtimes load it. From a GGUF file
+(export_gguf) or from a Hugging Face folder (export_hf_gguf: llama.cpp's tensor names, q/k row
+order, hyperparameter keys and tokenizer metadata written from config.json and
+tokenizer.json).
 
 Everything but the tensors is carried over as it was (architecture and hyperparameters,
 tokenizer, chat template), with general.file_type set to the new format. Matrices (2-D,
@@ -13,6 +16,7 @@ rest (they are the tensors a 4-bit error hurts most).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -127,3 +131,134 @@ def _bar(total: int, desc: str, enabled: bool):
             pass
 
     return _Null()
+
+
+# ------------------------------------------------------------------ from a Hugging Face folder
+
+def _hf_to_gguf_name(name: str) -> str | None:
+    from metroline.model.loader import _GGUF_LAYER, _GGUF_TOP
+
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        for g, h in _GGUF_LAYER.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}.{m.group(3)}"
+        return None
+    base, _, kind = name.rpartition(".")
+    for g, h in _GGUF_TOP.items():
+        if h == base:
+            return f"{g}.{kind}"
+    return None
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter order of a q/k projection's rows (the loader undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _pre_tokenizer_name(tok_json: dict) -> str:
+    """The tokenizer.ggml.pre that splits text as this tokenizer.json does."""
+    from metroline.tokenizer import _PRE_SPLITS
+
+    pre = tok_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
+                and not parts[1].get("use_regex", True)):
+            regex = (parts[0].get("pattern") or {}).get("Regex")
+            for name, split in _PRE_SPLITS.items():
+                if split == regex:
+                    return name
+    raise ExportError("this tokenizer.json splits text in a way GGUF has no name for (export supports "
+                      "byte-level BPE with the GPT-2 split or a split metroline knows)")
+
+
+def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
+    """Write a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of a supported
+    architecture as a GGUF in `fmt`: llama.cpp's tensor names and q/k row order, its
+    hyperparameter keys, the byte-level BPE tokenizer (tokens, types, merges) and the chat
+    template."""
+    import json
+
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    from metroline.model.loader import hf_to_config, iter_safetensors_weights
+    from metroline.tokenizer import Tokenizer
+
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = hf_to_config(json.load(f))
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        tok_json = json.load(f)
+    if (tok_json.get("model") or {}).get("type") != "BPE":
+        raise ExportError("export from a folder supports byte-level BPE tokenizers only")
+    pre = _pre_tokenizer_name(tok_json)
+    tok = Tokenizer.from_hf_dir(src)
+    arch = cfg.architecture
+    w = GGUFWriter(out, arch)
+    w.add_name(os.path.basename(os.path.normpath(src)))
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_file_type(int(_file_type(fmt)))
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    n = max(cfg.vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {a["id"] for a in tok_json.get("added_tokens", []) if a.get("special")}
+    added = {a["id"] for a in tok_json.get("added_tokens", [])}
+    known = set(vocab.values())
+    # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined (added), 5 unused.
+    types = [3 if i in special else 4 if i in added else 1 if i in known else 5 for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_token_id is not None:
+        w.add_bos_token_id(tok.bos_token_id)
+    if tok.eos_token_id is not None:
+        w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(bool(tok.add_bos_token))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+    counts: dict[str, int] = {}
+    for name, t in iter_safetensors_weights(src):
+        g = _hf_to_gguf_name(name)
+        if g is None:
+            raise ExportError(f"{src}: tensor {name!r} has no GGUF name")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        x = t.to(torch.float32).numpy()
+        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "q_proj.bias")):
+            x = _permute(x, cfg.num_attention_heads)
+        elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
+            x = _permute(x, cfg.num_key_value_heads)
+        target = tensor_target(g, tuple(reversed(x.shape)), fmt)
+        data = x if target == Q.F32 else x.astype(np.float16) if target == Q.F16 else quantize(np.ascontiguousarray(x), target)
+        w.add_tensor(g, data, raw_dtype=target)
+        counts[target.name] = counts.get(target.name, 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}

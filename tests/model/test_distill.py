@@ -62,3 +62,28 @@ def test_student_as_speculative_draft(student_dir, default_loaded):
     got = spec.generate(prompt, sp, use_tqdm=False)
     assert got[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
     assert spec.engine.get_stats().spec_draft_tokens > 0
+
+
+def test_student_exports_to_gguf_with_the_same_outputs(student_dir, tmp_path):
+    """The student's folder written as GGUF (llama.cpp's names, q/k order, tokenizer metadata):
+    it loads with the same tokenizer and chat template, and gives the tokens and logprobs the
+    folder gives quantized at load in the same format."""
+    from metroline.cli import main
+    from metroline.engine.llm import LLM
+    from metroline.engine.request import SamplingParams
+    from metroline.model.gguf_meta import open_gguf
+
+    out, _ = student_dir
+    gguf = tmp_path / "student-q8_0.gguf"
+    assert main(["quantize", out, "--to", "q8_0", "-o", str(gguf)]) == 0
+    meta = open_gguf(gguf).metadata
+    assert meta["llama.block_count"] == 2 and meta["tokenizer.ggml.pre"] == "gpt-2"
+    sp = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+    a = LLM(out, weights="q8_0", num_blocks=64, show_progress=False)
+    b = LLM(str(gguf), num_blocks=64, show_progress=False)
+    assert b.tokenizer.chat_template == a.tokenizer.chat_template
+    text = "Hello world, 12 + 30 = 42!"
+    assert b.tokenizer.encode(text) == a.tokenizer.encode(text)
+    oa = a.generate(["The sky is"], sp, use_tqdm=False)[0].outputs[0]
+    ob = b.generate(["The sky is"], sp, use_tqdm=False)[0].outputs[0]
+    assert ob.token_ids == oa.token_ids and [x[1] for x in ob.logprobs] == [x[1] for x in oa.logprobs]
