@@ -278,10 +278,11 @@ class EngineCore:
                   else [self.proposer.propose(r, k) for r, k in zip(reqs, ks)])
         for req, k, d in zip(reqs, ks, drafts):
             d = as_draft(d)
-            req.spec_token_ids = [t for t in d.token_ids[:k] if 0 <= t < self.limits.vocab_size]
-            if len(req.spec_token_ids) < len(d.token_ids[:k]):  # an id outside the vocabulary
-                req.spec_token_ids = []
-            req.spec_probs = d.probs[:len(req.spec_token_ids)] if d.probs is not None and req.spec_token_ids else None
+            ids = list(d.token_ids[:k])
+            if not all(0 <= t < self.limits.vocab_size for t in ids):  # a proposer's bad id: no draft
+                ids = []
+            req.spec_token_ids = ids
+            req.spec_probs = d.probs[:len(ids)] if d.probs is not None and ids else None
 
     def _spec_done(self, scheduled, changed) -> None:
         """Tell the policy how each speculating request's drafts fared; let the proposer learn

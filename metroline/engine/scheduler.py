@@ -265,16 +265,17 @@ class Scheduler:
             num_spec = len(sr.spec_token_ids)
             if sr.sample:
                 assert 1 <= len(new) <= num_spec + 1 and new[:-1] == sr.spec_token_ids[:len(new) - 1]
-                self.num_spec_draft_tokens += num_spec
-                self.num_spec_accepted_tokens += len(new) - 1
+                if num_spec:
+                    accepted = len(new) - 1
+                    self.num_spec_draft_tokens += num_spec
+                    self.num_spec_accepted_tokens += accepted
+                    self.num_spec_verifications += 1
+                    req.num_spec_drafted += num_spec
+                    req.num_spec_accepted += accepted
                 if num_spec + 1 > len(new):
                     self.kv.rollback(req, num_spec + 1 - len(new))
             req.spec_token_ids = []
             req.spec_probs = None
-            if num_spec:
-                self.num_spec_verifications += 1
-                req.num_spec_drafted += num_spec
-                req.num_spec_accepted += len(new) - 1
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             status, appended = self._append(req, new, res.logprobs if res is not None else None)
