@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from metroline.errors import MetrolineError
+from metroline.progress import progress as progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -178,7 +179,7 @@ def distill(teacher: str | None, out: str, cfg: DistillConfig, progress: bool = 
         opt.load_state_dict(ck["optimizer"])
         step, losses = ck["step"], ck["losses"]
     pieces = training_pieces(served.tokenizer, cfg.seq_len, cfg.steps * cfg.batch)
-    bar = _bar(cfg.steps, step, progress)
+    bar = progress_bar(cfg.steps, "distilling", progress, unit="step", initial=step)
     student.train()
     while step < cfg.steps:
         batch = [pieces[(step * cfg.batch + b) % len(pieces)] for b in range(cfg.batch)]
@@ -266,24 +267,3 @@ def _plot_losses(losses: list[float], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-        def close(self):
-            pass
-
-    if not enabled:
-        return _Null()
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, desc="distilling", unit="step")
-    except ImportError:
-        return _Null()

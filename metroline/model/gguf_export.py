@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from metroline.errors import MetrolineError
+from metroline.progress import progress as progress_bar
 
 FORMATS = ("q8_0", "q4_0", "q4_1", "f16", "f32")
 _KEEP_HIGH = ("token_embd.weight", "output.weight")
@@ -99,7 +100,7 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
         writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None else None)
     writer.add_file_type(int(_file_type(fmt)))
     counts: dict[str, int] = {}
-    bar = _bar(len(reader.tensors), f"quantizing to {fmt}", progress)
+    bar = progress_bar(len(reader.tensors), f"quantizing to {fmt}", progress, unit="tensor")
     for t in reader.tensors:
         target = tensor_target(t.name, t.shape, fmt)
         data = _convert(t, target)
@@ -112,25 +113,6 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
     writer.write_tensors_to_file(progress=False)
     writer.close()
     return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="tensor")
-        except ImportError:
-            pass
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()
 
 
 # ------------------------------------------------------------------ from a Hugging Face folder

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -23,6 +22,7 @@ from metroline.model.gguf_meta import open_gguf, read_gguf_metadata
 from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
 from metroline.platform import (PACKED_TARGETS, huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
                                 resolve_weights)
+from metroline.progress import progress
 from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, place_packed_weights, swap_in_packed_layers
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
@@ -392,7 +392,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     # Buffers computed at construction (rotary tables) were lost to the meta device.
     net.model.rotary_emb.inv_freq = _fresh_inv_freq(config, dev)
     net.model.rotary_emb._build(max_len)
-    with _progress(total, f"loading {source.name}", show_progress) as bar:
+    with progress(total, f"loading {source.name}", show_progress, unit="tensor", transient=True) as bar:
         # rope_freqs (scaled RoPE factors) stay fp32: they divide the fp32 inverse frequencies.
         tensors = ((n, t if isinstance(t, RawWeight) else
                     t.to(dev, torch.float32 if n == "rope_freqs" else torch_dtype))
@@ -500,46 +500,3 @@ def _replace(config: LlamaConfig, **kw) -> LlamaConfig:
     from dataclasses import replace
 
     return replace(config, **kw)
-
-
-class _NullBar:
-    def update(self, n=1):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class _LineProgress:
-    """Plain progress lines (a log, a pipe, CI): one at the start and every quarter."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done, self.next_quarter = max(1, total), desc, 0, 1
-
-    def update(self, n=1):
-        self.done += n
-        while self.next_quarter <= 4 and self.done * 4 >= self.next_quarter * self.total:
-            print(f"{self.desc}: {self.next_quarter * 25}% ({self.done}/{self.total} tensors)",
-                  file=sys.stderr, flush=True)
-            self.next_quarter += 1
-
-    def __enter__(self):
-        print(f"{self.desc}: {self.total} tensors", file=sys.stderr, flush=True)
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    if not sys.stderr.isatty():
-        return _LineProgress(total, desc)
-    from tqdm import tqdm
-
-    # delay: no bar at all when loading takes less than a moment.
-    return tqdm(total=total, desc=desc, unit="tensor", delay=0.5, leave=False)

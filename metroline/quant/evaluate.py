@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from metroline.progress import progress as progress_bar
+
 SLICE = "ShareGPT records 2000..2199, chat template, first {tokens} tokens of the first {num_seqs} long enough"
 
 
@@ -67,11 +69,13 @@ class Perplexity:
 
 def perplexity(loaded, seqs: list[list[int]], progress: bool = False) -> Perplexity:
     total, n = 0.0, 0
-    for ids in _bar(seqs, "perplexity", progress):
-        logp = logits_of(loaded, ids)
-        target = torch.tensor(ids[1:])
-        total -= logp.gather(1, target.unsqueeze(1)).sum().item()
-        n += len(ids) - 1
+    with progress_bar(len(seqs), "perplexity", progress, unit="seq") as bar:
+        for ids in seqs:
+            logp = logits_of(loaded, ids)
+            target = torch.tensor(ids[1:])
+            total -= logp.gather(1, target.unsqueeze(1)).sum().item()
+            n += len(ids) - 1
+            bar.update(1)
     return Perplexity(math.exp(total / n), n)
 
 
@@ -84,20 +88,11 @@ class Agreement:
 
 def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False) -> Agreement:
     same, kl, n = 0, 0.0, 0
-    for ids in _bar(seqs, "agreement", progress):
-        p, q = logits_of(reference, ids), logits_of(loaded, ids)
-        same += int((p.argmax(-1) == q.argmax(-1)).sum())
-        kl += float((p.exp() * (p - q)).sum())
-        n += p.shape[0]
+    with progress_bar(len(seqs), "agreement", progress, unit="seq") as bar:
+        for ids in seqs:
+            p, q = logits_of(reference, ids), logits_of(loaded, ids)
+            same += int((p.argmax(-1) == q.argmax(-1)).sum())
+            kl += float((p.exp() * (p - q)).sum())
+            n += p.shape[0]
+            bar.update(1)
     return Agreement(same / n, kl / n, n)
-
-
-def _bar(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc, unit="seq")
-    except ImportError:
-        return items
