@@ -135,18 +135,10 @@ def train_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def training_pieces(tok, seq_len: int, count: int, first: int = 200, last: int = 2000) -> list[list[int]]:
-    from metroline.datasets import iter_sharegpt
+    from metroline.quant.evaluate import sharegpt_chat_ids
 
     out: list[list[int]] = []
-    for i, rec in enumerate(iter_sharegpt(limit=last)):
-        if i < first or not rec.get("conversations"):
-            continue
-        msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                for t in rec["conversations"] if t["from"] in ("human", "gpt")]
-        try:
-            ids = tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False) if msgs else []
-        except Exception:
-            continue
+    for ids in sharegpt_chat_ids(tok, first, last):
         for s in range(0, len(ids) - seq_len + 1, seq_len):
             out.append(ids[s:s + seq_len])
             if len(out) == count:

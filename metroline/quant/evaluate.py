@@ -20,21 +20,27 @@ from metroline.progress import progress as progress_bar
 SLICE = "ShareGPT records 2000..2199, chat template, first {tokens} tokens of the first {num_seqs} long enough"
 
 
-def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, count: int = 200) -> list[list[int]]:
+def sharegpt_chat_ids(tok, first: int, last: int):
+    """Token ids of ShareGPT records first..last-1, each conversation in the chat template
+    (records with no human / gpt turn, or that the template refuses, are skipped)."""
     from metroline.datasets import iter_sharegpt
 
-    out = []
-    for i, rec in enumerate(iter_sharegpt(limit=first + count)):
-        if i < first or not rec["conversations"]:
+    for i, rec in enumerate(iter_sharegpt(limit=last)):
+        if i < first:
             continue
         msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                for t in rec["conversations"] if t["from"] in ("human", "gpt")]
+                for t in rec["conversations"] if t.get("from") in ("human", "gpt")]
         if not msgs:
             continue
         try:
-            ids = tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
+            yield tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
         except Exception:
             continue
+
+
+def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, count: int = 200) -> list[list[int]]:
+    out = []
+    for ids in sharegpt_chat_ids(tok, first, first + count):
         if len(ids) >= tokens:
             out.append(ids[:tokens])
         if len(out) == num_seqs:
