@@ -60,7 +60,6 @@ def _convert(t, target) -> np.ndarray:
     """Tensor `t` (GGUFTensor) as `target`: its stored bytes when it already is, else
     dequantized to fp32 and quantized (rows in GGUF order)."""
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
 
     from metroline.model.loader import dequantize_gguf_tensor
 
@@ -69,12 +68,41 @@ def _convert(t, target) -> np.ndarray:
         if target in (Q.F32, Q.F16):
             return np.array(t.data, copy=True).view(np.float32 if target == Q.F32 else np.float16).reshape(shape)
         return np.array(t.data, copy=True).reshape(*shape[:-1], -1)
-    x = dequantize_gguf_tensor(t)  # (rows, cols) fp32
+    return _encode(dequantize_gguf_tensor(t), target)  # (rows, cols) fp32 -> target
+
+
+def _encode(x: np.ndarray, target) -> np.ndarray:
+    """fp32 rows (PyTorch order) in `target`: as they are, fp16, or quantized per block."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
     if target == Q.F32:
         return x
     if target == Q.F16:
         return x.astype(np.float16)
-    return quantize(x, target)
+    return quantize(np.ascontiguousarray(x), target)
+
+
+def _format(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return fmt
+
+
+def _write(writer, out: str, fmt: str, tensors, total: int, progress: bool) -> dict:
+    """Add (GGUF name, data, type) tensors, write the file, and say what was written."""
+    counts: dict[str, int] = {}
+    with progress_bar(total, f"quantizing to {fmt}", progress, unit="tensor") as bar:
+        for name, data, target in tensors:
+            writer.add_tensor(name, data, raw_dtype=target)
+            counts[target.name] = counts.get(target.name, 0) + 1
+            bar.update(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
 
 
 def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
@@ -83,9 +111,7 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
 
     from metroline.model.gguf_meta import open_gguf
 
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = _format(fmt)
     if os.path.abspath(src) == os.path.abspath(out):
         raise ExportError("the output file must not be the input file")
     reader = open_gguf(src)
@@ -99,20 +125,9 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
         vtype, etype = reader.metadata_types[key]
         writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None else None)
     writer.add_file_type(int(_file_type(fmt)))
-    counts: dict[str, int] = {}
-    bar = progress_bar(len(reader.tensors), f"quantizing to {fmt}", progress, unit="tensor")
-    for t in reader.tensors:
-        target = tensor_target(t.name, t.shape, fmt)
-        data = _convert(t, target)
-        writer.add_tensor(t.name, data, raw_dtype=target)
-        counts[target.name] = counts.get(target.name, 0) + 1
-        bar.update(1)
-    bar.close()
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
+    tensors = ((t.name, _convert(t, target), target)
+               for t in reader.tensors for target in [tensor_target(t.name, t.shape, fmt)])
+    return _write(writer, out, fmt, tensors, len(reader.tensors), progress)
 
 
 # ------------------------------------------------------------------ from a Hugging Face folder
@@ -165,16 +180,12 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
     import json
 
     import torch
-    from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
-    from gguf.quants import quantize
 
-    from metroline.model.loader import hf_to_config, iter_safetensors_weights
+    from metroline.model.loader import _count_safetensors, hf_to_config, iter_safetensors_weights
     from metroline.tokenizer import Tokenizer
 
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = _format(fmt)
     with open(os.path.join(src, "config.json")) as f:
         cfg = hf_to_config(json.load(f))
     with open(os.path.join(src, "tokenizer.json")) as f:
@@ -223,24 +234,20 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
     w.add_add_bos_token(bool(tok.add_bos_token))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
-    counts: dict[str, int] = {}
-    for name, t in iter_safetensors_weights(src):
-        g = _hf_to_gguf_name(name)
-        if g is None:
-            raise ExportError(f"{src}: tensor {name!r} has no GGUF name")
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        x = t.to(torch.float32).numpy()
-        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "q_proj.bias")):
-            x = _permute(x, cfg.num_attention_heads)
-        elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
-            x = _permute(x, cfg.num_key_value_heads)
-        target = tensor_target(g, tuple(reversed(x.shape)), fmt)
-        data = x if target == Q.F32 else x.astype(np.float16) if target == Q.F16 else quantize(np.ascontiguousarray(x), target)
-        w.add_tensor(g, data, raw_dtype=target)
-        counts[target.name] = counts.get(target.name, 0) + 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
-    return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
+
+    def tensors():
+        for name, t in iter_safetensors_weights(src):
+            g = _hf_to_gguf_name(name)
+            if g is None:
+                raise ExportError(f"{src}: tensor {name!r} has no GGUF name")
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            x = t.to(torch.float32).numpy()
+            if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "q_proj.bias")):
+                x = _permute(x, cfg.num_attention_heads)
+            elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
+                x = _permute(x, cfg.num_key_value_heads)
+            target = tensor_target(g, tuple(reversed(x.shape)), fmt)
+            yield g, _encode(x, target), target
+
+    return _write(w, out, fmt, tensors(), _count_safetensors(src), progress)
