@@ -216,37 +216,32 @@ def test_speculative_sampling_keeps_the_target_distribution(with_probs):
     assert chi2_pvalue(counts, exact_joint(0, 1.0)) > 1e-3
 
 
+def _broken_check(accept, on_reject):
+    """A replacement for Sampler._check_drafts with its own acceptance rule `accept(u, p_d, q_d)`
+    and what a rejected row gets (`on_reject(p)`: a token, or None to keep the row's sample)."""
+    def check(self, tokens, probs, sample_rows, reqs, positions, checks):
+        for k, i in enumerate(sample_rows):
+            d = self._draft_at(reqs[i], positions[i])
+            q = checks.get(i)
+            if q is None or d is None:
+                continue
+            p = probs[k].double()
+            if accept(self._uniform(reqs[i], positions[i]), float(p[d]), float(q[d])):
+                tokens[i] = d
+            elif on_reject is not None:
+                tokens[i] = on_reject(p)
+    return check
+
+
 def test_broken_acceptance_rules_are_caught(monkeypatch):
     """Power: two classic mistakes give distributions the chi-square test rejects outright."""
     want = exact_joint(0, 1.0)
     # 1. Resampling from p instead of the residual (p - q)+ after a rejected draft with q.
-    orig = Sampler._check_drafts
-
-    def resample_from_p(self, tokens, probs, sample_rows, reqs, positions, checks):
-        for k, i in enumerate(sample_rows):
-            d = self._draft_at(reqs[i], positions[i])
-            q = checks.get(i)
-            if q is None or d is None:
-                continue
-            p = probs[k].double()
-            if self._uniform(reqs[i], positions[i]) * float(q[d]) < float(p[d]):
-                tokens[i] = d
-            else:
-                tokens[i] = int(torch.multinomial(p, 1))
-    monkeypatch.setattr(Sampler, "_check_drafts", resample_from_p)
+    monkeypatch.setattr(Sampler, "_check_drafts", _broken_check(lambda u, p, q: u * q < p,
+                                                                 lambda p: int(torch.multinomial(p, 1))))
     assert chi2_pvalue(sample_pairs(N, 3, True), want) < 1e-6
-    monkeypatch.setattr(Sampler, "_check_drafts", orig)
     # 2. Accepting with min(1, q/p) (the ratio upside down).
-    def inverted(self, tokens, probs, sample_rows, reqs, positions, checks):
-        for k, i in enumerate(sample_rows):
-            d = self._draft_at(reqs[i], positions[i])
-            q = checks.get(i)
-            if q is None or d is None:
-                continue
-            p = probs[k].double()
-            if self._uniform(reqs[i], positions[i]) * float(p[d]) < float(q[d]):
-                tokens[i] = d
-    monkeypatch.setattr(Sampler, "_check_drafts", inverted)
+    monkeypatch.setattr(Sampler, "_check_drafts", _broken_check(lambda u, p, q: u * p < q, None))
     assert chi2_pvalue(sample_pairs(N, 3, True), want) < 1e-6
 
 
