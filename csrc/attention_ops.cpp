@@ -31,11 +31,16 @@ AttendFn attend_fn(int isa) {
   return isa == VEC_AVX512 ? attend_avx512 : isa == VEC_AVX2 ? attend_avx2 : attend_scalar;
 }
 
+// The data of a contiguous int64 CPU vector of T entries named `name`.
+static const int64_t* int64_vector(const char* op, const at::Tensor& t, const char* name, int64_t T) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == T &&
+                  t.is_contiguous(),
+              op, name, " must be a contiguous int64 CPU vector of T = ", T, " entries");
+  return t.data_ptr<int64_t>();
+}
+
 const int64_t* check_positions(const char* op, const at::Tensor& positions, int64_t T, int64_t P) {
-  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.size(0) == T && positions.is_contiguous(),
-              op, "positions must be a contiguous int64 CPU vector of T = ", T, " entries");
-  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* pos = int64_vector(op, positions, "positions", T);
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(pos[t] >= 0 && pos[t] < P, op, "position ", pos[t], " of token ", t, " is outside the ", P,
                 " rows of cos/sin");
@@ -43,10 +48,7 @@ const int64_t* check_positions(const char* op, const at::Tensor& positions, int6
 }
 
 const int64_t* check_slots(const char* op, const at::Tensor& slot_mapping, int64_t T, int64_t S) {
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == T && slot_mapping.is_contiguous(),
-              op, "slot_mapping must be a contiguous int64 CPU vector of T = ", T, " entries");
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* slots = int64_vector(op, slot_mapping, "slot_mapping", T);
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(slots[t] >= -1 && slots[t] < S, op, "slot ", slots[t], " of token ", t, " is outside the cache's ",
                 S, " slots (-1 skips)");
