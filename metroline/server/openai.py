@@ -510,7 +510,6 @@ async def _chat_choices(run: Run, n: int, texts: TokenTexts | None, use_tools: b
         yield {"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                "finish_reason": None}
     parsers = [ToolCallStreamParser() for _ in range(n)] if use_tools else None
-    num_calls = [0] * n
     async for _, out in run.events():
         for o in out.outputs:
             if not (o.text or o.finish_reason or o.logprobs):
@@ -539,9 +538,8 @@ async def _chat_choices(run: Run, n: int, texts: TokenTexts | None, use_tools: b
                     else:
                         merged[p.index] = d
                 delta["tool_calls"] = list(merged.values())
-            num_calls[o.index] = len(parser.calls)
             finish = o.finish_reason
-            if finish == "stop" and num_calls[o.index]:
+            if finish == "stop" and parser.calls:
                 finish = "tool_calls"
             if delta or finish or lp:
                 yield _with_stop_reason({"index": o.index, "delta": delta, "logprobs": lp,
