@@ -20,8 +20,6 @@ from metroline.errors import MetrolineError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-# Bytes per weight of each packed format (a 32-weight block: fp16 scale [+ fp16 min] + quants).
-_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_1": 20 / 32, "Q4_0": 18 / 32, "F32": 4.0, "F16": 2.0, "BF16": 2.0}
 _ORDER = ("q8_0", "q4_1", "q4_0")
 _HIGH = ("token_embd.weight", "output.weight", "model.embed_tokens.weight", "lm_head.weight")
 
@@ -88,13 +86,16 @@ def _shape(cfg) -> dict:
 
 def weight_bytes(tensors, fmt: str | None) -> int:
     """Bytes of the weights held in `fmt` (None: as stored). Vectors stay fp32."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     total = 0.0
     for name, n, stored, row in tensors:
         if n == row or row % 32:  # a vector, or rows the packed formats cannot hold
             total += 4 * n
             continue
         t = stored if fmt is None else ("Q8_0" if fmt != "q8_0" and name in _HIGH else fmt.upper())
-        total += _BYTES_PER_WEIGHT.get(t, 4.0) * n
+        block, size = GGML_QUANT_SIZES.get(GGMLQuantizationType.__members__.get(t), (1, 4))
+        total += size / block * n  # bytes per weight, block scales included
     return int(total)
 
 
