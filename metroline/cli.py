@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from metroline.config import (WEIGHT_CHOICES, CacheConfig, ModelConfig, SchedulerConfig, ServerConfig,
+from metroline.config import (KV_CACHE_DTYPE_CHOICES, WEIGHT_CHOICES, CacheConfig, ModelConfig, SchedulerConfig, ServerConfig,
                               SpeculativeConfig)
 from metroline.errors import MetrolineError
 
@@ -53,6 +53,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "context length use, capped by a share of free memory)")
     g.add_argument("--block-size", type=int, default=_CACHE.block_size,
                    help="tokens per KV cache block")
+    g.add_argument("--kv-cache-dtype", default=_CACHE.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
+                   help="how K/V are stored: int8 (a per-token, per-head scale; ~2x the tokens of "
+                        "fp16 in the same memory, read directly by the CPU attention kernel), fp16, "
+                        "fp32, or bf16 / fp8 (torch attention backend); auto: fp16 on the CPU "
+                        "kernels, the model's dtype elsewhere")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="fit weights + KV cache in SIZE (e.g. 300MB): picks the most faithful weight "
                         "format that leaves room for one sequence of the context, the rest for KV; "
@@ -106,6 +111,7 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
              + (f", kernels: {isa}" if info.device == "cpu" else ""),
              f"  KV cache  {info.num_blocks:,} blocks x {info.block_size} = "
              f"{info.num_blocks * info.block_size:,} tokens, {info.kv_cache_bytes / 2**20:,.0f} MiB "
+             f"{info.kv_cache_dtype} "
              f"({info.kv_sizing}); context {info.max_model_len:,}"]
     sc = core.speculative_config
     if sc.method is not None:
@@ -134,7 +140,8 @@ def _apply_max_memory(args) -> None:
     if args.weights != "auto" or args.kv_cache_memory is not None:
         raise MetrolineError("--max-memory chooses the weights and the KV cache size itself: "
                              "leave out --weights and --kv-cache-memory")
-    plan = plan_memory(args.model, parse_size(args.max_memory), args.max_model_len, args.block_size)
+    plan = plan_memory(args.model, parse_size(args.max_memory), args.max_model_len, args.block_size,
+                       kv_cache_dtype=args.kv_cache_dtype)
     args.weights, args.kv_cache_memory = plan.weights, plan.kv_cache_memory
     print(plan.describe(), file=sys.stderr)
 
@@ -147,7 +154,7 @@ def _make_llm(args, command: str):
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               weights=args.weights,
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-              max_num_seqs=1, show_progress=True,  # one conversation: KV for one sequence
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1, show_progress=True,  # one conversation: KV for one sequence
               speculative=_spec_config(args))
     print(banner(command, llm.engine, threads), file=sys.stderr)
     return llm
@@ -381,7 +388,8 @@ def cmd_serve(args) -> int:
                         num_blocks=args.num_blocks,
                         enable_prefix_caching=not args.no_prefix_caching,
                         max_pinned_fraction=args.max_pinned_fraction,
-                        host_kv_cache_memory=args.host_kv_cache_memory)
+                        host_kv_cache_memory=args.host_kv_cache_memory,
+                        kv_cache_dtype=args.kv_cache_dtype)
     sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             policy=args.scheduling_policy,
@@ -515,9 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         e2.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default: the default model)")
         e2.add_argument("--weights", default="auto", choices=list(WEIGHT_CHOICES),
                         help="the weight format to evaluate")
+        e2.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_CHOICES),
+                        help="the KV cache format to evaluate (every query reads its keys from it)")
         if name == "agreement":
             e2.add_argument("--reference-weights", default="fp32", choices=["packed", "fp32", "bf16", "fp16"],
                             help="the format compared against")
+            e2.add_argument("--reference-kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_CHOICES),
+                            help="the reference's KV cache format (e.g. fp32 against --kv-cache-dtype int8)")
         e2.add_argument("--num-seqs", type=int, default=24, help="held-out sequences")
         e2.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
         e2.add_argument("--output", default=None, help="also write the result as JSON here")
@@ -569,17 +581,26 @@ def cmd_eval(args) -> int:
     seqs = held_out(loaded.tokenizer, args.num_seqs, args.tokens)
     if not seqs:
         raise MetrolineError(f"no held-out sequence of {args.tokens} tokens")
-    result = {"model": loaded.source.name, "weights": loaded.weights,
+    result = {"model": loaded.source.name, "weights": loaded.weights, "kv_cache_dtype": args.kv_cache_dtype,
               "slice": SLICE.format(tokens=args.tokens, num_seqs=len(seqs))}
-    if args.eval_command == "perplexity":
-        r = perplexity(loaded, seqs, progress=True)
-        print(f"{loaded.source.name} ({loaded.weights}): perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens")
-    else:
-        ref = load_model(args.model, weights=args.reference_weights, show_progress=True)
-        r = agreement(ref, loaded, seqs, progress=True)
-        result["reference_weights"] = ref.weights
-        print(f"{loaded.source.name} ({loaded.weights}) against {ref.weights}: top-1 agreement "
-              f"{r.top1_agreement:.2%}, mean KL {r.mean_kl:.4f} nats over {r.positions} positions")
+    kv = "" if args.kv_cache_dtype == "auto" else f", KV {args.kv_cache_dtype}"
+    try:
+        if args.eval_command == "perplexity":
+            r = perplexity(loaded, seqs, progress=True, kv_cache_dtype=args.kv_cache_dtype)
+            print(f"{loaded.source.name} ({loaded.weights}{kv}): perplexity {r.perplexity:.4f} "
+                  f"over {r.tokens_scored} tokens")
+        else:
+            same = args.reference_weights == args.weights
+            ref = loaded if same else load_model(args.model, weights=args.reference_weights, show_progress=True)
+            r = agreement(ref, loaded, seqs, progress=True, kv_cache_dtype=args.kv_cache_dtype,
+                          reference_kv_cache_dtype=args.reference_kv_cache_dtype)
+            result["reference_weights"] = ref.weights
+            result["reference_kv_cache_dtype"] = args.reference_kv_cache_dtype
+            rkv = "" if args.reference_kv_cache_dtype == "auto" else f", KV {args.reference_kv_cache_dtype}"
+            print(f"{loaded.source.name} ({loaded.weights}{kv}) against {ref.weights}{rkv}: top-1 agreement "
+                  f"{r.top1_agreement:.2%}, mean KL {r.mean_kl:.4f} nats over {r.positions} positions")
+    except ValueError as e:  # a KV format the attention backend cannot keep
+        raise MetrolineError(str(e)) from None
     result.update(dataclasses.asdict(r))
     if args.output:
         with open(args.output, "w") as f:

@@ -10,6 +10,9 @@ from metroline.errors import InvalidRequestError
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
 # a packed format, or dequantized.
 WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "fp32", "bf16", "fp16")
+# KV cache formats (kernels/kv_cache.py); auto: the attention backend's default (fp16 on the
+# CPU kernels, the model's dtype on the torch backend).
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
 
 
 def _require(cond: bool, msg: str, param: str) -> None:
@@ -33,6 +36,8 @@ class CacheConfig:
     # Bytes of host memory for KV blocks evicted from an accelerator. None: automatic (on a
     # GPU, 10% of free host memory; off on the CPU device, where it would gain nothing); 0: off.
     host_kv_cache_memory: int | None = None
+    # One of KV_CACHE_DTYPE_CHOICES: int8 holds ~2x the tokens of fp16 in the same memory.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -47,6 +52,8 @@ class CacheConfig:
                  "host_kv_cache_memory must be >= 0", "host_kv_cache_memory")
         _require(self.num_blocks is None or self.num_blocks >= 2,
                  "num_blocks must be at least 2", "num_blocks")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPE_CHOICES,
+                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)}", "kv_cache_dtype")
 
 
 @dataclass(frozen=True)

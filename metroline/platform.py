@@ -25,18 +25,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """'auto': on a CPU with metroline's C++ kernels built, "cpu" (fused RoPE + fp16 K/V write,
-    paged attention straight from the blocks); else "torch", which runs anywhere (a CUDA
-    backend registers in attention/ when present)."""
+def resolve_attention_backend(name: str, device: torch.device, kv_cache_dtype: torch.dtype | None = None) -> str:
+    """'auto': on a CPU with metroline's C++ kernels built, "cpu" (fused RoPE + K/V write, paged
+    attention straight from the blocks) unless the KV cache format asked for is one those
+    kernels do not read (bf16, fp8); else "torch", which runs anywhere (a CUDA backend
+    registers in attention/ when present)."""
     if name != "auto":
         return name
     if device.type == "cpu":
         from metroline.kernels import fused
+        from metroline.kernels.kv_cache import CPU_KERNEL_KV_DTYPES
 
-        if fused.available("paged_attention_decode") and fused.available("rope_kv_write"):
+        if (fused.available("paged_attention_decode") and fused.available("rope_kv_write")
+                and (kv_cache_dtype is None or kv_cache_dtype in CPU_KERNEL_KV_DTYPES)):
             return "cpu"
     return "torch"
+
+
+def resolve_kv_cache_dtype(name: str) -> torch.dtype | None:
+    """--kv-cache-dtype: None for 'auto' (the attention backend's default), else the torch dtype
+    the cache is kept in (kernels/kv_cache.py; the backend refuses a format it cannot read)."""
+    from metroline.kernels.kv_cache import KV_CACHE_DTYPES
+
+    return None if name == "auto" else KV_CACHE_DTYPES[name]
 
 
 def resolve_kv_cache_memory_fraction(fraction: float | None, device: torch.device) -> float:

@@ -100,12 +100,15 @@ def weight_bytes(tensors, fmt: str | None) -> int:
 
 
 def plan_memory(model: str | None, budget: int, max_model_len: int | None = None, block_size: int = 16,
-                kv_bytes_per_elem: int = 2, min_kv_tokens: int | None = None) -> MemoryPlan:
+                kv_cache_dtype: str = "auto", min_kv_tokens: int | None = None) -> MemoryPlan:
+    """`kv_cache_dtype`: the --kv-cache-dtype the pool will hold (auto: fp16)."""
+    from metroline.kernels.kv_cache import KV_CACHE_DTYPES, bytes_per_row
     from metroline.model.loader import resolve_model_source
 
     source = resolve_model_source(model)
     tensors, shape = _matrices(source.path, source.kind)
-    per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * kv_bytes_per_elem
+    row = bytes_per_row(KV_CACHE_DTYPES["fp16" if kv_cache_dtype == "auto" else kv_cache_dtype], shape["head_dim"])
+    per_token = 2 * shape["layers"] * shape["kv_heads"] * row
     need_tokens = min_kv_tokens or min(max_model_len or shape["context"], shape["context"])
     need_kv = -(-need_tokens // block_size) * block_size * per_token
     stored_kinds = {t for _, n, t, row in tensors if n != row}

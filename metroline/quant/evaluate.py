@@ -49,19 +49,21 @@ def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, coun
 
 
 @torch.inference_mode()
-def logits_of(loaded, ids: list[int]) -> torch.Tensor:
+def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
     """[len(ids) - 1, vocab] float64 log-probabilities of each next token, teacher-forced
-    through the engine's own attention backend and paged KV cache."""
+    through the engine's own attention backend and paged KV cache (in `kv_cache_dtype`, one of
+    config.KV_CACHE_DTYPE_CHOICES: every query reads its keys back from the cache)."""
     from metroline.attention.backend import SeqInfo, get_attention_backend
-    from metroline.platform import resolve_attention_backend
+    from metroline.platform import resolve_attention_backend, resolve_kv_cache_dtype
 
     model = loaded.model
     cfg, p = loaded.config, next(model.parameters())
-    backend = get_attention_backend(resolve_attention_backend("auto", p.device))
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+    backend = get_attention_backend(resolve_attention_backend("auto", p.device, kv_dtype), kv_dtype)
     bs = 16
     nblocks = -(-len(ids) // bs)
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
-                                   cfg.head_dim, backend.kv_cache_dtype or p.dtype, p.device)
+                                   cfg.head_dim, p.dtype, p.device)
     meta = backend.build_metadata([SeqInfo(len(ids), 0, list(range(nblocks)))], bs, p.device)
     hidden = model(torch.tensor(ids, device=p.device), torch.arange(len(ids), device=p.device), backend, meta, kv)
     return torch.log_softmax(model.compute_logits(hidden[:-1]).double(), -1).cpu()
@@ -73,11 +75,11 @@ class Perplexity:
     tokens_scored: int
 
 
-def perplexity(loaded, seqs: list[list[int]], progress: bool = False) -> Perplexity:
+def perplexity(loaded, seqs: list[list[int]], progress: bool = False, kv_cache_dtype: str = "auto") -> Perplexity:
     total, n = 0.0, 0
     with progress_bar(len(seqs), "perplexity", progress, unit="seq") as bar:
         for ids in seqs:
-            logp = logits_of(loaded, ids)
+            logp = logits_of(loaded, ids, kv_cache_dtype)
             target = torch.tensor(ids[1:])
             total -= logp.gather(1, target.unsqueeze(1)).sum().item()
             n += len(ids) - 1
@@ -92,11 +94,14 @@ class Agreement:
     positions: int
 
 
-def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False) -> Agreement:
+def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False, kv_cache_dtype: str = "auto",
+              reference_kv_cache_dtype: str = "auto") -> Agreement:
+    """`reference` may be `loaded` itself, with another KV cache format."""
     same, kl, n = 0, 0.0, 0
     with progress_bar(len(seqs), "agreement", progress, unit="seq") as bar:
         for ids in seqs:
-            p, q = logits_of(reference, ids), logits_of(loaded, ids)
+            p = logits_of(reference, ids, reference_kv_cache_dtype)
+            q = logits_of(loaded, ids, kv_cache_dtype)
             same += int((p.argmax(-1) == q.argmax(-1)).sum())
             kl += float((p.exp() * (p - q)).sum())
             n += p.shape[0]
