@@ -124,6 +124,8 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
 
 def _weights_line(loaded, info) -> str:
     mb = f", {loaded.weight_bytes / 1e6:.0f} MB read per token" if loaded.weight_bytes else ""
+    if loaded.chosen_by:
+        mb += f"; {loaded.chosen_by}"
     if loaded.weights.startswith("packed"):
         return loaded.weights + mb
     if loaded.source.kind == "gguf" and not loaded.weight_format.upper().startswith(("F32", "F16", "BF16")):
@@ -534,6 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
         e2.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
         e2.add_argument("--output", default=None, help="also write the result as JSON here")
         e2.set_defaults(func=cmd_eval)
+    ef = evs.add_parser("formats", help="measure weight formats here; --weights auto then picks the fastest "
+                                        "within a perplexity bound",
+                        description="Measure each candidate weight format of MODEL on this machine "
+                                    "(perplexity on the held-out slice, batch-1 decode tok/s) and record "
+                                    "the fastest whose perplexity is within --max-ppl-increase of fp32's: "
+                                    "a later --weights auto on this file and CPU uses it.")
+    ef.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default: the default model)")
+    ef.add_argument("--formats", default=None,
+                    help="comma-separated --weights values to try (default: packed and every format "
+                         "the kernels run)")
+    ef.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
+                    help="the bound: perplexity at most this many percent above fp32's")
+    ef.add_argument("--num-seqs", type=int, default=8, help="held-out sequences")
+    ef.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
+    ef.add_argument("--output", default=None, help="also write the measurements as JSON here")
+    ef.set_defaults(func=cmd_eval_formats)
 
     d = sub.add_parser("distill", help="train a smaller student to match a teacher (KL on its logits)",
                        description="Train a student with --layers decoder layers (initialised from the "
@@ -605,6 +623,53 @@ def cmd_eval(args) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
+
+
+def cmd_eval_formats(args) -> int:
+    import dataclasses
+    import json
+
+    from metroline.model.loader import load_model, resolve_model_source
+    from metroline.platform import PACKED_TARGETS
+    from metroline.quant.choose import FormatChoice, FormatMeasure, pick, save_choice
+    from metroline.quant.evaluate import decode_tok_s, held_out, perplexity
+
+    if args.max_ppl_increase < 0 or args.num_seqs < 1 or args.tokens < 2:
+        raise MetrolineError("--max-ppl-increase must be >= 0, --num-seqs >= 1 and --tokens >= 2")
+    formats = args.formats.split(",") if args.formats else ["packed", *PACKED_TARGETS]
+    bad = [f for f in formats if f not in WEIGHT_CHOICES or f == "auto"]
+    if bad:
+        raise MetrolineError(f"--formats: unknown format {bad[0]!r} (choose from "
+                             f"{', '.join(w for w in WEIGHT_CHOICES if w != 'auto')})")
+    source = resolve_model_source(args.model)
+    held = {"fp32": load_model(args.model, weights="fp32", show_progress=True)}
+    for f in formats:
+        if f not in held:
+            held[f] = load_model(args.model, weights=f, show_progress=True)
+    seqs = held_out(held["fp32"].tokenizer, args.num_seqs, args.tokens)
+    if not seqs:
+        raise MetrolineError(f"no held-out sequence of {args.tokens} tokens")
+    ppl = {f: perplexity(m, seqs, progress=True).perplexity for f, m in held.items()}
+    speed: dict[str, list[float]] = {f: [] for f in held}
+    for _ in range(3):  # rounds alternate formats (A, B, C, A, B, C): the machine is shared
+        for f, m in held.items():
+            speed[f].append(decode_tok_s(m, rounds=1))
+    ref_ppl = ppl["fp32"]
+    measures = [FormatMeasure(f, ppl[f], sorted(speed[f])[1], m.weight_bytes) for f, m in held.items()]
+    bound = args.max_ppl_increase / 100
+    choice = FormatChoice(pick(measures, ref_ppl, bound), bound, ref_ppl, measures)
+    path = save_choice(source.path, choice)
+    limit = ref_ppl * (1 + bound)
+    for m in measures:
+        mark = "<- auto" if m.weights == choice.choice else ("" if m.perplexity <= limit else "(over the bound)")
+        print(f"  {m.weights:10s} perplexity {m.perplexity:8.3f}  {m.decode_tok_s:6.1f} tok/s  "
+              f"{m.weight_bytes / 1e6:6.1f} MB/token {mark}")
+    print(f"--weights auto on {source.name} here: {choice.choice} (fastest within +{args.max_ppl_increase:g}% "
+          f"of fp32's perplexity {ref_ppl:.3f}); recorded in {path}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dataclasses.asdict(choice), f, indent=1)
     return 0
 
 

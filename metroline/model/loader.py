@@ -295,6 +295,7 @@ class LoadedModel:
     file_bytes: int
     weights: str = "fp32"  # how they are held: "packed (...)", "fp32", "bf16"
     weight_bytes: int = 0  # bytes of weights a decode step reads (all but the embedding)
+    chosen_by: str = ""  # why --weights auto held them so, when a measurement decided
 
 
 def load_tokenizer_from_gguf(path: str | os.PathLike):
@@ -313,10 +314,19 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
 
     source = resolve_model_source(model)
     dev = resolve_device(device)
+    chosen_by = ""
     try:
         held = resolve_weights(weights, dev, source.kind, kernels.available())
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+    if weights == "auto" and dev.type == "cpu" and kernels.available():
+        from metroline.quant.choose import recorded_choice
+
+        measured = recorded_choice(source.path)  # `metroline eval formats` ran on this file here
+        if measured is not None:
+            held = measured.choice
+            chosen_by = (f"auto: {held}, the fastest within +{measured.bound:.0%} perplexity "
+                         f"(measured {measured.measured_at})")
     if held in ("bf16", "fp16") and dtype == "auto":
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
@@ -409,7 +419,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         release_free_memory()
     net.eval().requires_grad_(False)
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
-                       _describe_weights(net, held), _decode_weight_bytes(net))
+                       _describe_weights(net, held), _decode_weight_bytes(net), chosen_by)
 
 
 def _matrix_names(net, config) -> list[str]:

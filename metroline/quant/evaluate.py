@@ -107,3 +107,36 @@ def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False, 
             n += p.shape[0]
             bar.update(1)
     return Agreement(same / n, kl / n, n)
+
+
+@torch.inference_mode()
+def decode_tok_s(loaded, steps: int = 48, prompt: int = 32, rounds: int = 3) -> float:
+    """Greedy decode speed at batch 1 of the model's own paged forward + lm_head (no engine, no
+    sampler): the median over `rounds` of `steps` steps after a `prompt`-token prefill."""
+    import statistics
+    import time
+
+    from metroline.attention.backend import SeqInfo, get_attention_backend
+    from metroline.platform import resolve_attention_backend
+
+    model = loaded.model
+    cfg, p = loaded.config, next(model.parameters())
+    backend = get_attention_backend(resolve_attention_backend("auto", p.device))
+    bs = 16
+    nblocks = -(-(prompt + steps) // bs)
+    kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
+                                   cfg.head_dim, p.dtype, p.device)
+    blocks = list(range(nblocks))
+    rates = []
+    for _ in range(rounds):
+        ids = [(31 * i + 7) % cfg.vocab_size for i in range(prompt)]
+        meta = backend.build_metadata([SeqInfo(prompt, 0, blocks)], bs, p.device)
+        hidden = model(torch.tensor(ids, device=p.device), torch.arange(prompt, device=p.device), backend, meta, kv)
+        tok = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        t = time.perf_counter()
+        for pos in range(prompt, prompt + steps):
+            meta = backend.build_metadata([SeqInfo(1, pos, blocks)], bs, p.device)
+            hidden = model(torch.tensor([tok], device=p.device), torch.tensor([pos], device=p.device), backend, meta, kv)
+            tok = int(model.compute_logits(hidden).argmax(-1))
+        rates.append(steps / (time.perf_counter() - t))
+    return statistics.median(rates)
