@@ -190,6 +190,11 @@ def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
     assert tight.weights == "q4_0"  # as stored (96.6 MB) no longer leaves room: 4-bit Q4_0
     with pytest.raises(MemoryBudgetError, match="give at least 279 MB"):
         plan_memory(None, parse_size("200MB"))
+    # An int8 KV cache: 66 bytes per head row against 128, so the same budget plans 1.94x the tokens,
+    # and 200 MB (too small with fp16 KV for one 8192-token sequence) now fits.
+    p8 = plan_memory(None, parse_size("300MB"), kv_cache_dtype="int8")
+    assert p8.weights == p.weights and abs(p8.kv_tokens / p.kv_tokens - 128 / 66) < 0.01
+    assert plan_memory(None, parse_size("200MB"), kv_cache_dtype="int8").kv_tokens >= 8192
     assert main(["generate", "hi", "--max-memory", "50MB"]) == 2
     assert "give at least" in capsys.readouterr().err
     assert main(["generate", "Hello", "--max-memory", "200MB", "--max-model-len", "1024", "--max-tokens", "3"]) == 0
