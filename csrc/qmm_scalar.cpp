@@ -88,6 +88,13 @@ static void repack_generic(const uint8_t* raw, uint8_t* packed, int fmt, int64_t
         uint8_t* o = dst + t * rec;
         std::memcpy(o + sd * r, src + raw_d_off(fmt), sd);
         if (fmt_asym(fmt)) std::memcpy(o + 32 + 2 * r, src + 2, 2);
+        if (bits != 2) {  // int8 / nibble bytes are already in chunk order: 4 at a time
+          const int nc = bits == 8 ? 8 : 4, bb = bits == 8 ? 32 : 16;
+          for (int64_t b = 0; b < rw / QK; ++b)
+            for (int c = 0; c < nc; ++c)
+              std::memcpy(o + qo + b * qb + c * 64 + r * 4, src + raw_q_off(fmt) + b * bb + 4 * c, 4);
+          continue;
+        }
         for (int64_t k = 0; k < rw; ++k) {
           int si, so;
           const int code = (src[raw_pos(fmt, k, si)] >> si) & mask;
@@ -114,6 +121,13 @@ static void unpack_generic(const uint8_t* packed, uint8_t* raw, int fmt, int64_t
         uint8_t* o = row + t * rb;
         std::memcpy(o + raw_d_off(fmt), i + sd * r, sd);
         if (fmt_asym(fmt)) std::memcpy(o + 2, i + 32 + 2 * r, 2);
+        if (bits != 2) {
+          const int nc = bits == 8 ? 8 : 4, bb = bits == 8 ? 32 : 16;
+          for (int64_t b = 0; b < rw / QK; ++b)
+            for (int c = 0; c < nc; ++c)
+              std::memcpy(o + raw_q_off(fmt) + b * bb + 4 * c, i + qo + b * qb + c * 64 + r * 4, 4);
+          continue;
+        }
         for (int64_t k = 0; k < rw; ++k) {
           int si, so;
           const int byte = qpos(bits, r, int(k % QK), si);

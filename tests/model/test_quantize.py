@@ -172,7 +172,8 @@ def test_weights_quantized_at_load_equal_the_exported_file(exported):
 
 def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
     """--max-memory: the most faithful format that leaves room for one sequence of the
-    context, the rest as KV; q4_0 when only that fits; a one-line refusal saying what would."""
+    context, the rest as KV; q4_0 when only that fits; a one-line refusal saying what would
+    (naming the smallest candidate, int4-g128)."""
     from metroline.cli import main
     from metroline.model.memory import MemoryBudgetError, parse_size, plan_memory
 
@@ -188,8 +189,8 @@ def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
     assert small.weights == "packed" and small.kv_tokens >= 2048
     tight = plan_memory(None, 96_000_000 + 2048 * per_token, max_model_len=2048)
     assert tight.weights == "q4_0"  # as stored (96.6 MB) no longer leaves room: 4-bit Q4_0
-    with pytest.raises(MemoryBudgetError, match="give at least 279 MB"):
-        plan_memory(None, parse_size("200MB"))
+    with pytest.raises(MemoryBudgetError, match=r"smallest format \(int4-g128\) .* give at least 275 MB"):
+        plan_memory(None, parse_size("200MB"))  # int4-g128 (g64 / q4_0 where 128 does not divide K): 86 MB
     assert main(["generate", "hi", "--max-memory", "50MB"]) == 2
     assert "give at least" in capsys.readouterr().err
     assert main(["generate", "Hello", "--max-memory", "200MB", "--max-model-len", "1024", "--max-tokens", "3"]) == 0
