@@ -307,7 +307,12 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, show_progress: bool = True,
-               weights: str = "auto") -> LoadedModel:
+               weights: str = "auto", importance: dict[str, np.ndarray] | None = None) -> LoadedModel:
+    """importance: for matrices quantized at load (a packed --weights target), optional per
+    matrix [K] weights of each input channel's squared error (e.g. mean x^2 of its inputs),
+    keyed by checkpoint weight name ("model.layers.0.self_attn.q_proj.weight"; fused layers'
+    shards by that name too); the quantizer then searches each block's scale under them
+    (metroline.quant.formats). Matrices kept as stored are not touched."""
     from metroline.tokenizer import Tokenizer
 
     import metroline.kernels as kernels
@@ -380,7 +385,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         if source.kind == "gguf":  # matrices already in their target kept as stored, others quantized
             kept = {n for n, ty in file_types.items() if stored.get(n) == ty}
             src_weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
-        weights = lambda bar: _quantized(src_weights(bar), stored)  # noqa: E731
+        weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
@@ -453,8 +458,9 @@ def _targets(net, config, held: str) -> dict[str, int]:
 def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarray] | None = None):
     """fp32 matrices named in `targets` quantized to their format (metroline.quant.formats:
     round to nearest, for the GGUF 32-blocks exactly as llama.cpp does; with `importance`,
-    per matrix (by checkpoint name, fused layers by shard) [K] weights of each input channel's
-    squared error, a weighted scale search instead); RawWeights already stored pass as they are."""
+    per matrix (by checkpoint name, or the fused layer's "<module>.weight:<shard>") [K] weights
+    of each input channel's squared error, a weighted scale search instead); RawWeights already
+    stored pass as they are."""
     from metroline.quant.formats import quantize
 
     for name, t in weights:
@@ -463,7 +469,7 @@ def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarra
         if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
         else:
-            imp = importance.get(key) if importance else None
+            imp = (importance.get(name, importance.get(key)) if importance else None)
             rows = quantize(t.float().numpy(), qtype, imp)
             yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 

@@ -342,3 +342,25 @@ def test_default_model_loads_and_generates(weights, first_tokens_packed):
     assert len(o.token_ids) == 4
     if weights != "ternary":
         assert o.token_ids[0] == first_tokens_packed.token_ids[0], (o.text, first_tokens_packed.text)
+
+
+def test_load_model_passes_importance_to_the_quantizer():
+    """load_model(importance=...) reaches the quantizer by checkpoint name: a matrix given
+    importance is quantized with the weighted search (different bytes from RTN), the others
+    are not."""
+    import metroline.model.loader as L
+    from metroline.quant.packed import RawWeight
+
+    rng = np.random.default_rng(3)
+    w = {"model.layers.0.mlp.down_proj.weight": torch.from_numpy(_weights(16, 256, seed=7, outliers=True)),
+         "model.layers.0.self_attn.q_proj.weight": torch.from_numpy(_weights(16, 256, seed=8))}
+    targets = {"model.layers.0.mlp.down_proj.weight": int(K.I4_G128),
+               "model.layers.0.self_attn.qkv_proj.weight:q": int(K.I4_G128)}
+    imp = {"model.layers.0.mlp.down_proj.weight": rng.gamma(0.5, 1.0, 256)}
+    got = dict(L._quantized(iter(w.items()), targets, imp))
+    assert all(isinstance(r, RawWeight) and r.fmt == int(K.I4_G128) for r in got.values())
+    down, q = got["model.layers.0.mlp.down_proj.weight"], got["model.layers.0.self_attn.q_proj.weight"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert np.array_equal(down.data.numpy(), QF.quantize(w[name].numpy(), K.I4_G128, imp[name]))
+    assert not np.array_equal(down.data.numpy(), QF.quantize(w[name].numpy(), K.I4_G128))
+    assert np.array_equal(q.data.numpy(), QF.quantize(w["model.layers.0.self_attn.q_proj.weight"].numpy(), K.I4_G128))
