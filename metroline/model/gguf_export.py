@@ -8,9 +8,14 @@ Everything but the tensors is carried over as it was (architecture and hyperpara
 tokenizer, chat template), with general.file_type set to the new format. Matrices (2-D,
 rows a multiple of 32) take the target format; a tensor already in it is copied byte for
 byte, so exporting to the format a file already has gives the same file contents and the
-same outputs. 1-D tensors (norms, biases) stay F32. For a 4-bit target the token embedding
-and the output projection stay in Q8_0, as llama.cpp's own quantizer keeps them above the
-rest (they are the tensors a 4-bit error hurts most).
+same outputs. 1-D tensors (norms, biases) stay F32. For a 4-bit or ternary target the token
+embedding and the output projection stay in Q8_0, as llama.cpp's own quantizer keeps them
+above the rest (they are the tensors a 4-bit error hurts most).
+
+`ternary` writes GGUF's TQ2_0 (metroline's absmean quantizer, metroline.quant.formats); a
+matrix whose rows are not a multiple of 256 is written Q4_0, as llama.cpp's quantizer does.
+int4-g32 / int4-g32-asym are Q4_0 / Q4_1; int8 (per-row scales) and int4 with groups of 64 or
+128 have no GGUF type: asking for them is a one-line error.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import numpy as np
 from metroline.errors import MetrolineError
 from metroline.progress import progress as progress_bar
 
-FORMATS = ("q8_0", "q4_0", "q4_1", "f16", "f32")
+FORMATS = ("q8_0", "q4_0", "q4_1", "ternary", "f16", "f32")
+ALIASES = {"int4-g32": "q4_0", "int4-g32-asym": "q4_1"}
+NO_GGUF_TYPE = ("int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym")  # packed-only formats
 _KEEP_HIGH = ("token_embd.weight", "output.weight")
 
 
@@ -34,14 +41,14 @@ class ExportError(MetrolineError):
 def _qtype(fmt: str):
     from gguf import GGMLQuantizationType as Q
 
-    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16, "f32": Q.F32}[fmt]
+    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "ternary": Q.TQ2_0, "f16": Q.F16, "f32": Q.F32}[fmt]
 
 
 def _file_type(fmt: str):
     from gguf import LlamaFileType as F
 
-    return {"q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "f16": F.MOSTLY_F16,
-            "f32": F.ALL_F32}[fmt]
+    return {"q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "ternary": F.MOSTLY_TQ2_0,
+            "f16": F.MOSTLY_F16, "f32": F.ALL_F32}[fmt]
 
 
 def tensor_target(name: str, shape: tuple[int, ...], fmt: str):
@@ -51,8 +58,10 @@ def tensor_target(name: str, shape: tuple[int, ...], fmt: str):
     target = _qtype(fmt)
     if len(shape) < 2 or (target not in (Q.F16, Q.F32) and shape[0] % 32):
         return Q.F32
-    if fmt in ("q4_0", "q4_1") and name in _KEEP_HIGH:
+    if fmt in ("q4_0", "q4_1", "ternary") and name in _KEEP_HIGH:
         return Q.Q8_0
+    if target == Q.TQ2_0 and shape[0] % 256:
+        return Q.Q4_0
     return target
 
 
@@ -80,11 +89,18 @@ def _encode(x: np.ndarray, target) -> np.ndarray:
         return x
     if target == Q.F16:
         return x.astype(np.float16)
+    if target == Q.TQ2_0:  # BitNet's absmean scale, not gguf-py's absmax
+        from metroline.quant.formats import quantize as quantize_packed
+
+        return quantize_packed(x, int(target))
     return quantize(np.ascontiguousarray(x), target)
 
 
 def _format(fmt: str) -> str:
-    fmt = fmt.lower()
+    fmt = ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt in NO_GGUF_TYPE:
+        raise ExportError(f"{fmt} has no GGUF type (it is a packed format for --weights only); GGUF export "
+                          f"writes {', '.join(FORMATS)} (int4-g32 = q4_0, int4-g32-asym = q4_1)")
     if fmt not in FORMATS:
         raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return fmt

@@ -23,7 +23,8 @@ from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
 from metroline.platform import (PACKED_TARGETS, huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
                                 resolve_weights)
 from metroline.progress import progress
-from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, place_packed_weights, swap_in_packed_layers
+from metroline.quant.packed import (EMBEDDABLE, PACKABLE, PackedLinear, RawWeight, place_packed_weights,
+                                    swap_in_packed_layers)
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
 SUPPORTED_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -307,7 +308,12 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, show_progress: bool = True,
-               weights: str = "auto") -> LoadedModel:
+               weights: str = "auto", importance: dict[str, np.ndarray] | None = None) -> LoadedModel:
+    """importance: for matrices quantized at load (a packed --weights target), optional per
+    matrix [K] weights of each input channel's squared error (e.g. mean x^2 of its inputs),
+    keyed by checkpoint weight name ("model.layers.0.self_attn.q_proj.weight"; fused layers'
+    shards by that name too); the quantizer then searches each block's scale under them
+    (metroline.quant.formats). Matrices kept as stored are not touched."""
     from metroline.tokenizer import Tokenizer
 
     import metroline.kernels as kernels
@@ -350,14 +356,11 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         if held == "packed":
             stored = {_fused_name(gguf_name_to_hf(t.name)): int(t.tensor_type)
                       for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
-        raw_names = {n for n, ty in stored.items() if ty in PACKABLE}
+        raw_names = {n for n, ty in stored.items()
+                     if ty in (EMBEDDABLE if n == "model.embed_tokens.weight" else PACKABLE)}
         weights = lambda bar: iter_gguf_weights(reader, config, bar, raw_names)  # noqa: E731
-        if held in PACKED_TARGETS:  # matrices already in the target kept as stored, others quantized
-            target = int(_ggml_type(held))
-            kept = {n for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2
-                    for n in [_fused_name(gguf_name_to_hf(t.name))]
-                    if int(t.tensor_type) == (int(_ggml_type("q8_0")) if n in _KEEP_HIGH else target)}
-            weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
+        file_types = {_fused_name(gguf_name_to_hf(t.name)): int(t.tensor_type)
+                      for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
         file_bytes = os.path.getsize(source.path)
     else:
         cfg_path = os.path.join(source.path, "config.json")
@@ -383,14 +386,16 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         # Quantized at load: each matrix to the target format (packed: Q8_0 for a safetensors
         # checkpoint, int8 with one fp16 scale per 32 weights of a row), then computed on by
         # the same packed kernels. Matrices already in the format pass as stored.
-        target = int(_ggml_type(held if held in PACKED_TARGETS else "q8_0"))
-        # Under a 4-bit target the embedding and the output projection stay in Q8_0, as
-        # llama.cpp's own quantizer keeps them (the tensors a 4-bit error hurts most).
-        high = int(_ggml_type("q8_0"))
-        stored = {n: high if n in _KEEP_HIGH else target for n in _matrix_names(net, config)}
+        # Under a lower-bit target the embedding and the output projection stay in Q8_0, as
+        # llama.cpp's own quantizer keeps them (the tensors a 4-bit error hurts most); a matrix
+        # whose K is not a multiple of the target's group takes its fallback (quant.formats).
+        stored = _targets(net, config, held if held in PACKED_TARGETS else "q8_0")
         raw_names = set(stored)
         src_weights = weights
-        weights = lambda bar: _quantized(src_weights(bar), stored)  # noqa: E731
+        if source.kind == "gguf":  # matrices already in their target kept as stored, others quantized
+            kept = {n for n, ty in file_types.items() if stored.get(n) == ty}
+            src_weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
+        weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
@@ -422,40 +427,60 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
                        _describe_weights(net, held), _decode_weight_bytes(net), chosen_by)
 
 
-def _matrix_names(net, config) -> list[str]:
+def _matrix_names(net, config) -> dict[str, int]:
     """The checkpoint-side names (fused layers by shard) of every matrix a packed layer can
-    hold: K a multiple of 32."""
-    names = []
+    hold (K a multiple of 32), with their K."""
+    names = {}
     for name, mod in net.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.in_features % 32 == 0:
             shards = getattr(mod, "shard_offsets", None)
-            names += [f"{name}.weight:{s}" for s in shards] if shards else [f"{name}.weight"]
+            for n in ([f"{name}.weight:{s}" for s in shards] if shards else [f"{name}.weight"]):
+                names[n] = mod.in_features
         elif isinstance(mod, torch.nn.Embedding) and mod.embedding_dim % 32 == 0:
-            names.append(f"{name}.weight")
+            names[f"{name}.weight"] = mod.embedding_dim
     return names
 
 
 def _ggml_type(fmt: str):
-    from gguf import GGMLQuantizationType as Q
+    """The packed format (kernels.Fmt: a GGML type number, or metroline's own from 100 on) a
+    --weights target stands for."""
+    from metroline.quant.formats import target_format
 
-    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[fmt]
+    return target_format(fmt)
 
 
 _KEEP_HIGH = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def _quantized(weights, targets: dict[str, int]):
-    """fp32 matrices named in `targets` quantized to their type (round to nearest, per
-    32-weight block, as llama.cpp does); RawWeights already stored pass as they are."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+def _targets(net, config, held: str) -> dict[str, int]:
+    """Per matrix the format it is quantized into under the target `held`."""
+    from metroline.quant.formats import format_for
+
+    target, high = _ggml_type(held), _ggml_type("q8_0")
+    out = {}
+    for n, k in _matrix_names(net, config).items():
+        fmt = high if n in _KEEP_HIGH else format_for(target, k)
+        if fmt is not None:
+            out[n] = int(fmt)
+    return out
+
+
+def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarray] | None = None):
+    """fp32 matrices named in `targets` quantized to their format (metroline.quant.formats:
+    round to nearest, for the GGUF 32-blocks exactly as llama.cpp does; with `importance`,
+    per matrix (by checkpoint name, or the fused layer's "<module>.weight:<shard>") [K] weights
+    of each input channel's squared error, a weighted scale search instead); RawWeights already
+    stored pass as they are."""
+    from metroline.quant.formats import quantize
 
     for name, t in weights:
-        qtype = targets.get(_fused_name(name))
+        key = _fused_name(name)
+        qtype = targets.get(key)
         if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
         else:
-            rows = quantize(t.float().numpy(), GGMLQuantizationType(qtype))
+            imp = (importance.get(name, importance.get(key)) if importance else None)
+            rows = quantize(t.float().numpy(), qtype, imp)
             yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 
 
