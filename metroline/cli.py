@@ -642,7 +642,9 @@ def cmd_eval_formats(args) -> int:
 
     if args.max_ppl_increase < 0 or args.num_seqs < 1 or args.tokens < 2:
         raise MetrolineError("--max-ppl-increase must be >= 0, --num-seqs >= 1 and --tokens >= 2")
-    formats = args.formats.split(",") if args.formats else ["packed", *PACKED_TARGETS]
+    # Default: packed (as stored) and every target, less the names of GGUF's own formats' aliases.
+    formats = (args.formats.split(",") if args.formats else
+               ["packed", *[t for t in PACKED_TARGETS if not t.startswith("int4-g32")]])
     bad = [f for f in formats if f not in WEIGHT_CHOICES or f == "auto"]
     if bad:
         raise MetrolineError(f"--formats: unknown format {bad[0]!r} (choose from "
