@@ -10,6 +10,9 @@ from metroline.errors import InvalidRequestError
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
 # a packed format, or dequantized.
 WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "fp32", "bf16", "fp16")
+# How weights quantized at load are rounded: to nearest, or importance-weighted
+# (metroline.quant.calibrate; must match calibrate.QUANT_METHODS).
+QUANT_METHOD_CHOICES = ("rtn", "imatrix")
 
 
 def _require(cond: bool, msg: str, param: str) -> None:
@@ -102,12 +105,22 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     seed: int = 0
+    quant_method: str = "rtn"  # one of QUANT_METHOD_CHOICES
+    imatrix: str | None = None  # importance file (read if present, else written); imatrix only
 
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
         _require(self.weights in WEIGHT_CHOICES,
                  f"unsupported weight format {self.weights!r}", "weights")
+        _require(self.quant_method in QUANT_METHOD_CHOICES,
+                 f"unknown quantization method {self.quant_method!r} (choose from "
+                 f"{', '.join(QUANT_METHOD_CHOICES)})", "quant_method")
+        _require(self.imatrix is None or self.quant_method == "imatrix",
+                 "--imatrix FILE goes with --quant-method imatrix", "imatrix")
+        _require(self.quant_method == "rtn" or self.weights not in ("fp32", "bf16", "fp16"),
+                 f"--quant-method {self.quant_method} calibrates weights quantized at load "
+                 f"(--weights q8_0, q4_0, q4_1), not {self.weights}", "quant_method")
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,11 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, show_progress: bool = True,
-               weights: str = "auto") -> LoadedModel:
+               weights: str = "auto", quant_method: str = "rtn", imatrix: str | None = None) -> LoadedModel:
+    """quant_method: how weights quantized at load are rounded: "rtn" (to nearest, as
+    llama.cpp's reference quantizer) or "imatrix" (importance-weighted, metroline.quant.
+    calibrate; the importance read from `imatrix` when that file exists, else the cache,
+    else measured on the fp32 model and cached, and written to `imatrix` when given)."""
     from metroline.tokenizer import Tokenizer
 
     import metroline.kernels as kernels
@@ -317,6 +321,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         held = resolve_weights(weights, dev, source.kind, kernels.available())
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+    _check_quant_method(quant_method, imatrix, held, source.kind)
     if held in ("bf16", "fp16") and dtype == "auto":
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
@@ -380,7 +385,13 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         stored = {n: high if n in _KEEP_HIGH else target for n in _matrix_names(net, config)}
         raw_names = set(stored)
         src_weights = weights
-        weights = lambda bar: _quantized(src_weights(bar), stored)  # noqa: E731
+        importance = None
+        if quant_method == "imatrix":
+            from metroline.quant.calibrate import check_importance, importance_for
+
+            importance = importance_for(model, path=imatrix, device=device, progress=show_progress)
+            check_importance(importance, stored)
+        weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
@@ -408,8 +419,23 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         place_packed_weights(net, huge_page_buffer)
         release_free_memory()
     net.eval().requires_grad_(False)
-    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
-                       _describe_weights(net, held), _decode_weight_bytes(net))
+    described = _describe_weights(net, held) + (", imatrix-calibrated" if quant_method == "imatrix" else "")
+    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes, described,
+                       _decode_weight_bytes(net))
+
+
+def _check_quant_method(method: str, imatrix: str | None, held: str, source_kind: str) -> None:
+    """Calibration applies to weights quantized at load (one line when asked for others)."""
+    from metroline.quant.calibrate import QUANT_METHODS
+
+    if method not in QUANT_METHODS:
+        raise ModelLoadError(f"unknown quantization method {method!r} (choose from {', '.join(QUANT_METHODS)})")
+    if imatrix is not None and method != "imatrix":
+        raise ModelLoadError("--imatrix FILE goes with --quant-method imatrix")
+    if method == "imatrix" and not (held in PACKED_TARGETS or (held == "packed" and source_kind != "gguf")):
+        raise ModelLoadError(f"--quant-method imatrix calibrates weights quantized at load (--weights "
+                             f"{', '.join(PACKED_TARGETS)}), not {held} weights"
+                             + (" (a GGUF's own packed weights are kept as stored)" if held == "packed" else ""))
 
 
 def _matrix_names(net, config) -> list[str]:
@@ -434,18 +460,22 @@ def _ggml_type(fmt: str):
 _KEEP_HIGH = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def _quantized(weights, targets: dict[str, int]):
-    """fp32 matrices named in `targets` quantized to their type (round to nearest, per
-    32-weight block, as llama.cpp does); RawWeights already stored pass as they are."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarray] | None = None):
+    """fp32 matrices named in `targets` quantized to their type (round to nearest per
+    32-weight block, as llama.cpp does, or weighted by `importance` where it has the
+    matrix's name: metroline.quant.quantizers); RawWeights already stored pass as they are."""
+    from metroline.quant.quantizers import quantize_weighted
 
     for name, t in weights:
-        qtype = targets.get(_fused_name(name))
+        key = _fused_name(name)
+        qtype = targets.get(key)
         if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
         else:
-            rows = quantize(t.float().numpy(), GGMLQuantizationType(qtype))
+            try:
+                rows = quantize_weighted(t.float().numpy(), qtype, (importance or {}).get(key))
+            except ValueError as e:
+                raise ModelLoadError(f"cannot quantize {name}: {e}") from None
             yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 
 

@@ -68,8 +68,10 @@ class CalibrationSample:
 SAMPLE = CalibrationSample()
 
 
-def calibration_ids(tokenizer, sample: CalibrationSample = SAMPLE) -> list[list[int]]:
+def calibration_ids(tokenizer, sample: CalibrationSample | None = None) -> list[list[int]]:
     from metroline.quant.evaluate import held_out
+
+    sample = sample or SAMPLE
 
     return held_out(tokenizer, sample.num_seqs, sample.tokens, sample.first, sample.count)
 
@@ -86,16 +88,17 @@ def _linear_inputs(model) -> dict[str, list[str]]:
 
 
 @torch.inference_mode()
-def collect_importance(model: str | None = None, sample: CalibrationSample = SAMPLE, *, loaded=None,
+def collect_importance(model: str | None = None, sample: CalibrationSample | None = None, *, loaded=None,
                        device: str = "auto", progress: bool = True) -> dict[str, np.ndarray]:
     """Mean x_k^2 per input channel k of every decoder-layer matrix (name as the loader
     names it -> float32 [K]), over `sample` run through the full-precision model: `loaded`,
-    or `model` loaded with --weights fp32."""
+    or `model` loaded with --weights fp32 (sample None: SAMPLE)."""
     from metroline.model.loader import load_model
     from metroline.progress import progress as progress_bar
     from metroline.quant.evaluate import hidden_states
     from metroline.quant.packed import PackedLinear
 
+    sample = sample or SAMPLE
     if loaded is None:
         loaded = load_model(model, weights="fp32", dtype="float32", device=device, show_progress=progress)
     layers = _linear_inputs(loaded.model)
@@ -146,6 +149,9 @@ def save_importance(importance: dict[str, np.ndarray], path: str, meta: dict | N
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, __meta__=np.array(header), **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a saved file is like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,20 +184,22 @@ def _model_files(path: str) -> list[str]:
     return [path]
 
 
-def cache_path(source, sample: CalibrationSample = SAMPLE) -> str:
+def cache_path(source, sample: CalibrationSample | None = None) -> str:
     """Where the importance of `source` (loader.ModelSource) over `sample` is cached."""
+    sample = sample or SAMPLE
     ident = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in _model_files(source.path)]
     key = hashlib.sha256(json.dumps({"v": _VERSION, "files": ident, "sample": asdict(sample)}).encode())
     stem = re.sub(r"[^\w.-]+", "_", source.name)[:60]
     return os.path.join(cache_dir(), f"{stem}-{key.hexdigest()[:16]}.npz")
 
 
-def importance_for(model: str | None = None, *, path: str | None = None, sample: CalibrationSample = SAMPLE,
+def importance_for(model: str | None = None, *, path: str | None = None, sample: CalibrationSample | None = None,
                    device: str = "auto", progress: bool = True) -> dict[str, np.ndarray]:
     """The importance of `model` over `sample`: read from `path` when that file exists, else
     from the cache, else collected (and cached; also written to `path` when given)."""
     from metroline.model.loader import resolve_model_source
 
+    sample = sample or SAMPLE
     if path is not None and os.path.exists(path):
         return load_importance(path)
     source = resolve_model_source(model)

@@ -39,6 +39,8 @@ def quantize_weighted(w: np.ndarray, qtype: int, importance: np.ndarray | None =
     block when `importance` ([K], >= 0: mean x_k^2 of the layer's input) is given; without it
     round to nearest (for GGUF types, gguf.quants.quantize bit for bit)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
+    if not w.flags.writeable:  # e.g. a memory-mapped file's tensor: torch wants writable arrays
+        w = w.copy()
     if w.ndim != 2:
         raise ValueError(f"expected a matrix [N, K], got shape {w.shape}")
     if importance is not None:
