@@ -125,6 +125,18 @@ def _encode_blocks(d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor, nam
 
 
 def _search(w: np.ndarray, importance: np.ndarray, rtn: np.ndarray, name: str) -> np.ndarray:
+    # One intra-op thread: the tensors are a few MB, and torch's threads cost more than they
+    # give (a 576 x 1536 matrix: 0.13 s on one thread; 3-5 s on two, with other processes on
+    # the 2 cores making the OpenMP workers wait for each other at every op).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _search_blocks(w, importance, rtn, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _search_blocks(w: np.ndarray, importance: np.ndarray, rtn: np.ndarray, name: str) -> np.ndarray:
     qmin, qmax, affine, steps, step, n = _GRIDS[name]
     N, K = w.shape
     if K % BLOCK:
