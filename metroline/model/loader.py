@@ -326,6 +326,8 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
     stored: dict[str, int] = {}  # weight name (fused: "<module>.weight:<shard>") -> GGUF type
+    kept: set[str] = set()  # matrices already in the format they are quantized to at load
+    importance = None  # per matrix, under --quant-method imatrix (quant.calibrate)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         meta = read_gguf_metadata(reader)
@@ -385,8 +387,8 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         stored = {n: high if n in _KEEP_HIGH else target for n in _matrix_names(net, config)}
         raw_names = set(stored)
         src_weights = weights
-        importance = None
-        if quant_method == "imatrix":
+        if quant_method == "imatrix" and any(n.startswith("model.layers.") and n not in kept for n in stored):
+            # (not when every decoder matrix is kept as stored: nothing would use it)
             from metroline.quant.calibrate import check_importance, importance_for
 
             importance = importance_for(model, path=imatrix, device=device, progress=show_progress)
@@ -419,7 +421,7 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         place_packed_weights(net, huge_page_buffer)
         release_free_memory()
     net.eval().requires_grad_(False)
-    described = _describe_weights(net, held) + (", imatrix-calibrated" if quant_method == "imatrix" else "")
+    described = _describe_weights(net, held) + (", imatrix-calibrated" if importance is not None else "")
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes, described,
                        _decode_weight_bytes(net))
 

@@ -215,3 +215,26 @@ def test_bad_calibration_arguments_are_one_line_errors(tiny_f32, tmp_path, capsy
     assert "no entry for" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "perplexity", path, "--quant-method", "gptq"])
+
+
+def test_matrices_already_in_the_target_are_kept_without_calibrating(tiny_tokenizer, tmp_path, monkeypatch):  # noqa: F811
+    """q4_1 + imatrix on a Q4_1 file keeps every decoder matrix as stored (its values are on
+    the grid already), so nothing is measured and they are the file's bytes (the untied output
+    projection goes to Q8_0 under a 4-bit target, as without calibration)."""
+    import metroline.quant.calibrate as calibrate
+    from metroline.model.loader import load_model
+    from metroline.quant.packed import PackedLinear
+
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_tiny_gguf(path, tiny_tokenizer[1], Q.Q4_1, seed=12)
+
+    def refuse(*a, **k):
+        raise AssertionError("calibrated for nothing")
+
+    monkeypatch.setattr(calibrate, "importance_for", refuse)
+    got = load_model(str(path), weights="q4_1", quant_method="imatrix", device="cpu", show_progress=False)
+    want = load_model(str(path), weights="packed", device="cpu", show_progress=False)
+    assert "imatrix" not in got.weights
+    layers = dict(want.model.named_modules())
+    decoder = [(n, m) for n, m in got.model.named_modules() if isinstance(m, PackedLinear) and n.startswith("model.")]
+    assert len(decoder) == 4 * G_LAYERS and all(torch.equal(m.packed, layers[n].packed) for n, m in decoder)
