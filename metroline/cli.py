@@ -70,7 +70,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="no drafts while more requests than this decode (speculation stops paying)")
 
 
-QUANT_METHOD_HELP = ("how weights quantized at load (--weights q8_0/q4_0/q4_1) are rounded: rtn, to "
+QUANT_METHOD_HELP = ("how matrices are rounded when quantized (at load with --weights q8_0/q4_0/q4_1, or "
+                     "by quantize): rtn, to "
                      "nearest per 32-weight block as llama.cpp's reference quantizer; imatrix, each block's "
                      "scale (and min) chosen to minimise the error weighted by the importance of each input "
                      "channel (mean x^2 of the layer's input), measured once on the fp32 model over ShareGPT "

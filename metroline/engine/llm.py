@@ -42,7 +42,9 @@ class LLM:
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int = 4,
                  show_progress: bool = True, loaded=None):
         """`speculative`: "ngram", "suffix" or "draft:MODEL" (or a SpeculativeConfig) turns on
-        speculative decoding with up to `num_speculative_tokens` drafts per step."""
+        speculative decoding with up to `num_speculative_tokens` drafts per step.
+        `quant_method` "imatrix" (with weights q8_0 / q4_0 / q4_1) quantizes importance-weighted
+        (metroline.quant.calibrate; `imatrix`: the importance file to read or write)."""
         from metroline.model.loader import load_model
 
         if isinstance(speculative, str):
