@@ -15,6 +15,9 @@ WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "int8", "int4-g32", 
 # KV cache formats (kernels/kv_cache.py); auto: the attention backend's default (fp16 on the
 # CPU kernels, the model's dtype on the torch backend).
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
+# How weights quantized at load are rounded: to nearest, or importance-weighted
+# (metroline.quant.calibrate; must match calibrate.QUANT_METHODS).
+QUANT_METHOD_CHOICES = ("rtn", "imatrix")
 
 
 def _require(cond: bool, msg: str, param: str) -> None:
@@ -111,12 +114,22 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     seed: int = 0
+    quant_method: str = "rtn"  # one of QUANT_METHOD_CHOICES
+    imatrix: str | None = None  # importance file (read if present, else written); imatrix only
 
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
         _require(self.weights in WEIGHT_CHOICES,
                  f"unsupported weight format {self.weights!r}", "weights")
+        _require(self.quant_method in QUANT_METHOD_CHOICES,
+                 f"unknown quantization method {self.quant_method!r} (choose from "
+                 f"{', '.join(QUANT_METHOD_CHOICES)})", "quant_method")
+        _require(self.imatrix is None or self.quant_method == "imatrix",
+                 "--imatrix FILE goes with --quant-method imatrix", "imatrix")
+        _require(self.quant_method == "rtn" or self.weights not in ("fp32", "bf16", "fp16"),
+                 f"--quant-method {self.quant_method} calibrates weights quantized at load "
+                 f"(--weights q8_0, q4_0, q4_1), not {self.weights}", "quant_method")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ above the rest (they are the tensors a 4-bit error hurts most).
 matrix whose rows are not a multiple of 256 is written Q4_0, as llama.cpp's quantizer does.
 int4-g32 / int4-g32-asym are Q4_0 / Q4_1; int8 (per-row scales) and int4 with groups of 64 or
 128 have no GGUF type: asking for them is a one-line error.
+
+With `importance` (metroline.quant.calibrate: per decoder-layer matrix, the mean x^2 of
+each input channel), those matrices are quantized importance-weighted
+(metroline.quant.quantizers.quantize_weighted) instead of to nearest; the bytes are the same
+GGUF block formats. A tensor already in the target is still copied as stored.
 """
 
 from __future__ import annotations
@@ -65,35 +70,48 @@ def tensor_target(name: str, shape: tuple[int, ...], fmt: str):
     return target
 
 
-def _convert(t, target) -> np.ndarray:
+def _convert(t, target, importance=None) -> np.ndarray:
     """Tensor `t` (GGUFTensor) as `target`: its stored bytes when it already is, else
     dequantized to fp32 and quantized (rows in GGUF order)."""
     from gguf import GGMLQuantizationType as Q
 
-    from metroline.model.loader import dequantize_gguf_tensor
+    from metroline.model.loader import dequantize_gguf_tensor, gguf_name_to_hf
 
     if t.tensor_type == target:  # the stored bytes, shaped as the writer reads them
         shape = tuple(int(d) for d in reversed(t.shape))
         if target in (Q.F32, Q.F16):
             return np.array(t.data, copy=True).view(np.float32 if target == Q.F32 else np.float16).reshape(shape)
         return np.array(t.data, copy=True).reshape(*shape[:-1], -1)
-    return _encode(dequantize_gguf_tensor(t), target)  # (rows, cols) fp32 -> target
+    # (rows, cols) fp32 -> target; q/k rows stay in the file's order (importance is per column).
+    imp = _importance_of(importance, gguf_name_to_hf(t.name)) if target not in (Q.F32, Q.F16) else None
+    return _encode(dequantize_gguf_tensor(t), target, imp)
 
 
-def _encode(x: np.ndarray, target) -> np.ndarray:
-    """fp32 rows (PyTorch order) in `target`: as they are, fp16, or quantized per block."""
+def _importance_of(importance: dict | None, hf_name: str) -> np.ndarray | None:
+    """The importance vector of a checkpoint matrix (None without calibration, or for a
+    matrix outside the decoder layers); a decoder-layer matrix must have one."""
+    if importance is None:
+        return None
+    from metroline.model.loader import _fused_name
+
+    key = _fused_name(hf_name)
+    if key not in importance and key.startswith("model.layers.") and ".weight" in key:
+        raise ExportError(f"the importance has no entry for {key}: was it collected on another model?")
+    return importance.get(key)
+
+
+def _encode(x: np.ndarray, target, importance: np.ndarray | None = None) -> np.ndarray:
+    """fp32 rows (PyTorch order) in `target`: as they are, fp16, or quantized per block
+    (importance-weighted when `importance` is given)."""
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
+
+    from metroline.quant.quantizers import quantize_weighted
 
     if target == Q.F32:
         return x
     if target == Q.F16:
         return x.astype(np.float16)
-    if target == Q.TQ2_0:  # BitNet's absmean scale, not gguf-py's absmax
-        from metroline.quant.formats import quantize as quantize_packed
-
-        return quantize_packed(x, int(target))
-    return quantize(np.ascontiguousarray(x), target)
+    return quantize_weighted(x, target, importance)
 
 
 def _format(fmt: str) -> str:
@@ -121,8 +139,9 @@ def _write(writer, out: str, fmt: str, tensors, total: int, progress: bool) -> d
     return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
 
 
-def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
-    """Write `src` (a GGUF file) re-quantized to `fmt` at `out`; returns what was written."""
+def export_gguf(src: str, out: str, fmt: str, progress: bool = True, importance: dict | None = None) -> dict:
+    """Write `src` (a GGUF file) re-quantized to `fmt` at `out`; returns what was written.
+    `importance`: see the module's docstring."""
     from gguf import GGUFValueType, GGUFWriter
 
     from metroline.model.gguf_meta import open_gguf
@@ -141,7 +160,7 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
         vtype, etype = reader.metadata_types[key]
         writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None else None)
     writer.add_file_type(int(_file_type(fmt)))
-    tensors = ((t.name, _convert(t, target), target)
+    tensors = ((t.name, _convert(t, target, importance), target)
                for t in reader.tensors for target in [tensor_target(t.name, t.shape, fmt)])
     return _write(writer, out, fmt, tensors, len(reader.tensors), progress)
 
@@ -188,7 +207,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
                       "byte-level BPE with the GPT-2 split or a split metroline knows)")
 
 
-def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
+def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True, importance: dict | None = None) -> dict:
     """Write a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of a supported
     architecture as a GGUF in `fmt`: llama.cpp's tensor names and q/k row order, its
     hyperparameter keys, the byte-level BPE tokenizer (tokens, types, merges) and the chat
@@ -196,6 +215,7 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
     import json
 
     import torch
+    from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
 
     from metroline.model.loader import _count_safetensors, hf_to_config, iter_safetensors_weights
@@ -264,6 +284,7 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
             elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
                 x = _permute(x, cfg.num_key_value_heads)
             target = tensor_target(g, tuple(reversed(x.shape)), fmt)
-            yield g, _encode(x, target), target
+            quantized = target not in (Q.F32, Q.F16)
+            yield g, _encode(x, target, _importance_of(importance, name) if quantized else None), target
 
     return _write(w, out, fmt, tensors(), _count_safetensors(src), progress)

@@ -308,12 +308,11 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, show_progress: bool = True,
-               weights: str = "auto", importance: dict[str, np.ndarray] | None = None) -> LoadedModel:
-    """importance: for matrices quantized at load (a packed --weights target), optional per
-    matrix [K] weights of each input channel's squared error (e.g. mean x^2 of its inputs),
-    keyed by checkpoint weight name ("model.layers.0.self_attn.q_proj.weight"; fused layers'
-    shards by that name too); the quantizer then searches each block's scale under them
-    (metroline.quant.formats). Matrices kept as stored are not touched."""
+               weights: str = "auto", quant_method: str = "rtn", imatrix: str | None = None) -> LoadedModel:
+    """quant_method: how weights quantized at load are rounded: "rtn" (to nearest, as
+    llama.cpp's reference quantizer) or "imatrix" (importance-weighted, metroline.quant.
+    calibrate; the importance read from `imatrix` when that file exists, else the cache,
+    else measured on the fp32 model and cached, and written to `imatrix` when given)."""
     from metroline.tokenizer import Tokenizer
 
     import metroline.kernels as kernels
@@ -333,10 +332,13 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
             held = measured.choice
             chosen_by = (f"auto: {held}, the fastest within +{measured.bound:.0%} perplexity "
                          f"(measured {measured.measured_at})")
+    _check_quant_method(quant_method, imatrix, held, source.kind)
     if held in ("bf16", "fp16") and dtype == "auto":
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
     stored: dict[str, int] = {}  # weight name (fused: "<module>.weight:<shard>") -> GGUF type
+    kept: set[str] = set()  # matrices already in the format they are quantized to at load
+    importance = None  # per matrix, under --quant-method imatrix (quant.calibrate)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         meta = read_gguf_metadata(reader)
@@ -395,6 +397,12 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         if source.kind == "gguf":  # matrices already in their target kept as stored, others quantized
             kept = {n for n, ty in file_types.items() if stored.get(n) == ty}
             src_weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
+        if quant_method == "imatrix" and any(n.startswith("model.layers.") and n not in kept for n in stored):
+            # (not when every decoder matrix is kept as stored: nothing would use it)
+            from metroline.quant.calibrate import check_importance, importance_for
+
+            importance = importance_for(model, path=imatrix, device=device, progress=show_progress)
+            check_importance(importance, stored)
         weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
@@ -423,8 +431,23 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         place_packed_weights(net, huge_page_buffer)
         release_free_memory()
     net.eval().requires_grad_(False)
-    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
-                       _describe_weights(net, held), _decode_weight_bytes(net), chosen_by)
+    described = _describe_weights(net, held) + (", imatrix-calibrated" if importance is not None else "")
+    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes, described,
+                       _decode_weight_bytes(net), chosen_by)
+
+
+def _check_quant_method(method: str, imatrix: str | None, held: str, source_kind: str) -> None:
+    """Calibration applies to weights quantized at load (one line when asked for others)."""
+    from metroline.quant.calibrate import QUANT_METHODS
+
+    if method not in QUANT_METHODS:
+        raise ModelLoadError(f"unknown quantization method {method!r} (choose from {', '.join(QUANT_METHODS)})")
+    if imatrix is not None and method != "imatrix":
+        raise ModelLoadError("--imatrix FILE goes with --quant-method imatrix")
+    if method == "imatrix" and not (held in PACKED_TARGETS or (held == "packed" and source_kind != "gguf")):
+        raise ModelLoadError(f"--quant-method imatrix calibrates weights quantized at load (--weights "
+                             f"{', '.join(PACKED_TARGETS)}), not {held} weights"
+                             + (" (a GGUF's own packed weights are kept as stored)" if held == "packed" else ""))
 
 
 def _matrix_names(net, config) -> dict[str, int]:
@@ -466,12 +489,10 @@ def _targets(net, config, held: str) -> dict[str, int]:
 
 
 def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarray] | None = None):
-    """fp32 matrices named in `targets` quantized to their format (metroline.quant.formats:
-    round to nearest, for the GGUF 32-blocks exactly as llama.cpp does; with `importance`,
-    per matrix (by checkpoint name, or the fused layer's "<module>.weight:<shard>") [K] weights
-    of each input channel's squared error, a weighted scale search instead); RawWeights already
-    stored pass as they are."""
-    from metroline.quant.formats import quantize
+    """fp32 matrices named in `targets` quantized to their type (round to nearest per
+    32-weight block, as llama.cpp does, or weighted by `importance` where it has the
+    matrix's name: metroline.quant.quantizers); RawWeights already stored pass as they are."""
+    from metroline.quant.quantizers import quantize_weighted
 
     for name, t in weights:
         key = _fused_name(name)
@@ -479,8 +500,10 @@ def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarra
         if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
         else:
-            imp = (importance.get(name, importance.get(key)) if importance else None)
-            rows = quantize(t.float().numpy(), qtype, imp)
+            try:
+                rows = quantize_weighted(t.float().numpy(), qtype, (importance or {}).get(key))
+            except ValueError as e:
+                raise ModelLoadError(f"cannot quantize {name}: {e}") from None
             yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 
 

@@ -5,7 +5,7 @@ stated bound of the full-precision model's, measured once per model file and CPU
 (perplexity on the held-out ShareGPT slice, decode tok/s of the model's own forward at batch 1)
 and records the result here; a later `--weights auto` on the same file and CPU reads that record
 (`recorded_choice`) instead of the static rule (packed as stored). The record is a small JSON
-file under $METROLINE_CACHE_DIR (default ~/.cache/metroline/formats), keyed by the model file's
+file under $METROLINE_CACHE_DIR/formats (default ~/.cache/metroline/formats), keyed by the model file's
 path, size and modification time, the CPU's SIMD path and the thread count, so a changed file or
 another machine is measured afresh.
 """
@@ -60,8 +60,8 @@ def pick(measures: list[FormatMeasure], reference_perplexity: float, bound: floa
 
 
 def _cache_dir() -> str:
-    return os.environ.get("METROLINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "metroline",
-                                                                 "formats")
+    base = os.environ.get("METROLINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "metroline")
+    return os.path.join(base, "formats")
 
 
 def record_key(model_path: str) -> str:

@@ -53,6 +53,14 @@ def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Ten
     """[len(ids) - 1, vocab] float64 log-probabilities of each next token, teacher-forced
     through the engine's own attention backend and paged KV cache (in `kv_cache_dtype`, one of
     config.KV_CACHE_DTYPE_CHOICES: every query reads its keys back from the cache)."""
+    hidden = hidden_states(loaded, ids, kv_cache_dtype)
+    return torch.log_softmax(loaded.model.compute_logits(hidden[:-1]).double(), -1).cpu()
+
+
+@torch.inference_mode()
+def hidden_states(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
+    """[len(ids), hidden] final hidden states of one sequence (one prefill through the
+    engine's attention backend and a paged KV cache of its own, in `kv_cache_dtype`)."""
     from metroline.attention.backend import SeqInfo, get_attention_backend
     from metroline.platform import resolve_attention_backend, resolve_kv_cache_dtype
 
@@ -65,8 +73,7 @@ def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Ten
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
                                    cfg.head_dim, p.dtype, p.device)
     meta = backend.build_metadata([SeqInfo(len(ids), 0, list(range(nblocks)))], bs, p.device)
-    hidden = model(torch.tensor(ids, device=p.device), torch.arange(len(ids), device=p.device), backend, meta, kv)
-    return torch.log_softmax(model.compute_logits(hidden[:-1]).double(), -1).cpu()
+    return model(torch.tensor(ids, device=p.device), torch.arange(len(ids), device=p.device), backend, meta, kv)
 
 
 @dataclass
