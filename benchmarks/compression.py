@@ -13,8 +13,12 @@ tokens, disjoint from the held-out slice; metroline.quant.calibrate), so RTN and
 sit side by side. (q4_1 is the file's own format: both methods keep its bytes, as packed.)
 Formats load one at a time; decode rounds alternate formats (A, B, C, A, B, C).
 
-Usage: python benchmarks/compression.py [--formats fp32,packed,q8_0,q8_0-imatrix,q4_0,q4_0-imatrix]
-       [--rounds 2]
+int8 is one scale per output row, int4-gG one fp16 scale (and min, -asym) per G weights,
+ternary llama.cpp's TQ2_0 (absmean scale per 256: on this model only down_proj, K = 1536,
+takes it; the rest fall back to Q4_0, as llama.cpp's quantizer does); the embedding and the
+output projection stay Q8_0 under all of them.
+
+Usage: python benchmarks/compression.py [--formats fp32,packed,q8_0,q8_0-imatrix,...] [--rounds 2]
 Writes benchmarks/results/compression.{json,png}.
 """
 
@@ -43,15 +47,21 @@ def decode_tok_s(llm, batch: int, tokens: int) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
 
+DEFAULT_FORMATS = ("fp32,packed,q8_0,q8_0-imatrix,q4_0,q4_0-imatrix,int8,int8-imatrix,int4-g64,int4-g64-imatrix,"
+                   "int4-g64-asym,int4-g64-asym-imatrix,int4-g128,int4-g128-imatrix,int4-g128-asym,"
+                   "int4-g128-asym-imatrix,ternary,ternary-imatrix")
+
+
 def variant(fmt: str) -> tuple[str, str]:
-    """A --formats entry -> (weights, quant method): "q4_0" -> rtn, "q4_0-imatrix" -> imatrix."""
-    weights, _, method = fmt.partition("-")
-    return weights, method or "rtn"
+    """A --formats entry -> (weights, quant method): "q4_0" -> rtn, "int4-g64-imatrix" -> imatrix."""
+    if fmt.endswith("-imatrix"):
+        return fmt[:-len("-imatrix")], "imatrix"
+    return fmt, "rtn"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", default="fp32,packed,q8_0,q8_0-imatrix,q4_0,q4_0-imatrix")
+    ap.add_argument("--formats", default=DEFAULT_FORMATS)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--num-seqs", type=int, default=12)
@@ -114,18 +124,19 @@ def plot(result: dict, path: str) -> None:
 
     fm = result["formats"]
     names = list(fm)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(11, 0.9 * len(names)), 9))
     x = range(len(names))
     a1.bar([i - 0.2 for i in x], [fm[n]["decode_tok_s_batch1"] for n in names], 0.4, label="batch 1")
     a1.bar([i + 0.2 for i in x], [fm[n]["decode_tok_s_batch16"] for n in names], 0.4, label="batch 16")
-    a1.set_xticks(list(x), [f"{n}\n{fm[n]['bits_per_weight']:.1f} bits" for n in names])
+    a1.set_xticks(list(x), [f"{n}\n{fm[n]['bits_per_weight']:.2f} b" for n in names], fontsize=7, rotation=30)
     a1.set_ylabel("decode tok/s (median of rounds)")
     a1.set_title(f"speed ({result['threads']} threads)")
     a1.legend()
     a2.scatter([fm[n]["bits_per_weight"] for n in names], [fm[n]["perplexity"] for n in names])
     for n in names:
         a2.annotate(f"{n} (KL {fm[n]['mean_kl']:.3f})", (fm[n]["bits_per_weight"], fm[n]["perplexity"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    textcoords="offset points", xytext=(5, 5), fontsize=7)
+    a2.set_yscale("log")
     a2.set_xlabel("bits per weight (bytes read per step / matrix weights)")
     a2.set_ylabel(f"perplexity, held-out ShareGPT ({result['slice']})")
     a2.set_title("quality")

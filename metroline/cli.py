@@ -730,9 +730,9 @@ def cmd_quantize(args) -> int:
         if args.to in ("f16", "f32"):
             raise MetrolineError(f"--quant-method imatrix calibrates a quantized format (--to q8_0, q4_0 or "
                                  f"q4_1), not {args.to}")
-        from metroline.quant.calibrate import importance_for
+        from metroline.model.loader import importance_of
 
-        importance = importance_for(args.model, path=args.imatrix)
+        importance = importance_of(args.model, args.imatrix)
     info = (export_gguf if source.kind == "gguf" else export_hf_gguf)(source.path, args.output, args.to,
                                                                         importance=importance)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))

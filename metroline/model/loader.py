@@ -399,9 +399,9 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
             src_weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
         if quant_method == "imatrix" and any(n.startswith("model.layers.") and n not in kept for n in stored):
             # (not when every decoder matrix is kept as stored: nothing would use it)
-            from metroline.quant.calibrate import check_importance, importance_for
+            from metroline.quant.calibrate import check_importance
 
-            importance = importance_for(model, path=imatrix, device=device, progress=show_progress)
+            importance = importance_of(model, imatrix, device=device, progress=show_progress)
             check_importance(importance, stored)
         weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
@@ -434,6 +434,18 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
     described = _describe_weights(net, held) + (", imatrix-calibrated" if importance is not None else "")
     return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes, described,
                        _decode_weight_bytes(net), chosen_by)
+
+
+def importance_of(model: str | None, imatrix: str | None = None, *, device: str = "auto",
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """--quant-method imatrix's importance for `model` (metroline.quant.calibrate.importance_for:
+    the file `imatrix`, the cache, or measured on the model loaded in fp32)."""
+    from metroline.quant.calibrate import importance_for
+
+    return importance_for(resolve_model_source(model),
+                          lambda: load_model(model, weights="fp32", dtype="float32", device=device,
+                                             show_progress=progress),
+                          path=imatrix, progress=progress)
 
 
 def _check_quant_method(method: str, imatrix: str | None, held: str, source_kind: str) -> None:

@@ -88,19 +88,16 @@ def _linear_inputs(model) -> dict[str, list[str]]:
 
 
 @torch.inference_mode()
-def collect_importance(model: str | None = None, sample: CalibrationSample | None = None, *, loaded=None,
-                       device: str = "auto", progress: bool = True) -> dict[str, np.ndarray]:
+def collect_importance(loaded, sample: CalibrationSample | None = None, *,
+                       progress: bool = True) -> dict[str, np.ndarray]:
     """Mean x_k^2 per input channel k of every decoder-layer matrix (name as the loader
-    names it -> float32 [K]), over `sample` run through the full-precision model: `loaded`,
-    or `model` loaded with --weights fp32 (sample None: SAMPLE)."""
-    from metroline.model.loader import load_model
+    names it -> float32 [K]), over `sample` run through `loaded`, the full-precision model
+    (--weights fp32; sample None: SAMPLE)."""
     from metroline.progress import progress as progress_bar
     from metroline.quant.evaluate import hidden_states
     from metroline.quant.packed import PackedLinear
 
     sample = sample or SAMPLE
-    if loaded is None:
-        loaded = load_model(model, weights="fp32", dtype="float32", device=device, show_progress=progress)
     layers = _linear_inputs(loaded.model)
     mods = dict(loaded.model.named_modules())
     if not layers or any(isinstance(m, PackedLinear) for m in loaded.model.model.layers.modules()):
@@ -193,16 +190,15 @@ def cache_path(source, sample: CalibrationSample | None = None) -> str:
     return os.path.join(cache_dir(), f"{stem}-{key.hexdigest()[:16]}.npz")
 
 
-def importance_for(model: str | None = None, *, path: str | None = None, sample: CalibrationSample | None = None,
-                   device: str = "auto", progress: bool = True) -> dict[str, np.ndarray]:
-    """The importance of `model` over `sample`: read from `path` when that file exists, else
-    from the cache, else collected (and cached; also written to `path` when given)."""
-    from metroline.model.loader import resolve_model_source
-
+def importance_for(source, load_reference, *, path: str | None = None, sample: CalibrationSample | None = None,
+                   progress: bool = True) -> dict[str, np.ndarray]:
+    """The importance of the model at `source` (loader.ModelSource) over `sample`: read from
+    `path` when that file exists, else from the cache, else collected on `load_reference()`
+    (the model in full precision; only called then) and cached, and written to `path` when
+    given. model.loader.importance_of is the door with a model name."""
     sample = sample or SAMPLE
     if path is not None and os.path.exists(path):
         return load_importance(path)
-    source = resolve_model_source(model)
     cached = cache_path(source, sample)
     importance = None
     if os.path.exists(cached):
@@ -211,7 +207,7 @@ def importance_for(model: str | None = None, *, path: str | None = None, sample:
         except CalibrationError:
             importance = None  # a damaged cache entry is measured again
     if importance is None:
-        importance = collect_importance(model, sample, device=device, progress=progress)
+        importance = collect_importance(load_reference(), sample, progress=progress)
         meta = {"model": source.name, "sample": sample.describe()}
         try:
             save_importance(importance, cached, meta)

@@ -134,24 +134,25 @@ def test_collect_importance_shapes_and_a_hand_computed_layer(tiny_f32):
 
 def test_importance_is_cached_and_saved(tiny_f32, tmp_path, monkeypatch):
     import metroline.quant.calibrate as calibrate
+    from metroline.model.loader import importance_of
 
     path, small = tiny_f32
-    first = calibrate.importance_for(path, progress=False)
+    first = importance_of(path, progress=False)
     assert len(list((tmp_path / "cache" / "importance").iterdir())) == 1
 
     def refuse(*a, **k):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(calibrate, "collect_importance", refuse)
-    again = calibrate.importance_for(path, progress=False)  # from the cache
+    again = importance_of(path, progress=False)  # from the cache
     assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
     out = tmp_path / "imp.npz"
-    calibrate.importance_for(path, path=str(out), progress=False)  # written to the file asked for
+    importance_of(path, str(out), progress=False)  # written to the file asked for
     loaded = calibrate.load_importance(str(out))
     assert all(np.array_equal(loaded[k], first[k]) for k in first)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(calibrate.CalibrationError, match="cannot read importance file"):
-        calibrate.importance_for(path, path=str(tmp_path / "bad.npz"))
+        importance_of(path, str(tmp_path / "bad.npz"))
     with pytest.raises(calibrate.CalibrationError, match="overlap the evaluation slice"):
         calibrate.CalibrationSample(first=1500, count=600)
 
