@@ -68,7 +68,12 @@ def main() -> None:
     ap.add_argument("--seq-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=os.path.join(HERE, "results", "compression.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --output's JSON")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.output) as fh:
+            plot(json.load(fh), args.output[:-5] + ".png")
+        return
     torch.set_num_threads(args.threads)
 
     from metroline.bench.hardware import machine_info, measure_bandwidth
@@ -132,14 +137,15 @@ def plot(result: dict, path: str) -> None:
     a1.set_ylabel("decode tok/s (median of rounds)")
     a1.set_title(f"speed ({result['threads']} threads)")
     a1.legend()
-    a2.scatter([fm[n]["bits_per_weight"] for n in names], [fm[n]["perplexity"] for n in names])
-    for n in names:
-        a2.annotate(f"{n} (KL {fm[n]['mean_kl']:.3f})", (fm[n]["bits_per_weight"], fm[n]["perplexity"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=7)
+    colors = ["#cc6677" if fm[n].get("quant_method") == "imatrix" else "#4477aa" for n in names]
+    a2.bar(list(x), [max(fm[n]["mean_kl"], 1e-5) for n in names], color=colors)
+    for i, n in enumerate(names):
+        a2.annotate(f"ppl {fm[n]['perplexity']:.4g}", (i, max(fm[n]["mean_kl"], 1e-5)), textcoords="offset points",
+                    xytext=(0, 3), ha="center", fontsize=7)
     a2.set_yscale("log")
-    a2.set_xlabel("bits per weight (bytes read per step / matrix weights)")
-    a2.set_ylabel(f"perplexity, held-out ShareGPT ({result['slice']})")
-    a2.set_title("quality")
+    a2.set_xticks(list(x), names, fontsize=7, rotation=30)
+    a2.set_ylabel("mean KL vs fp32, nats (log)")
+    a2.set_title(f"quality on held-out ShareGPT ({result['slice']}): blue round-to-nearest, red imatrix-calibrated")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
