@@ -493,10 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp loads it)",
+    q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp "
+                                        "loads it), or as an ExecuTorch .pte",
                        description="Write MODEL's weights in another format as a GGUF file: matrices "
                                    "in --to (a tensor already in it is copied as is), norms in F32, "
-                                   "metadata, tokenizer and chat template carried over.")
+                                   "metadata, tokenizer and chat template carried over. --to executorch "
+                                   "writes an ExecuTorch program instead (XNNPACK delegate, static KV "
+                                   "cache; the optional executorch extra).")
     q.add_argument("model", nargs="?", default=None,
                    help="a .gguf file or a Hugging Face folder (default: the default model)")
     q.add_argument("--to", required=True, choices=["q8_0", "q4_0", "q4_1", "f16", "f32", "executorch"],
@@ -507,9 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--executorch-bits", type=int, default=4, choices=[4, 8, 32],
                    help="4: int8 dynamic activations x int4 weights (group-wise, output layer 8-bit); "
                         "8: int8 x int8 per row; 32: fp32")
-    x.add_argument("--executorch-group-size", type=int, default=32,
+    x.add_argument("--executorch-group-size", type=int, default=32, metavar="N",
                    help="inputs sharing one scale under 4 bits (a layer it does not divide stays 8-bit)")
-    x.add_argument("--executorch-max-seq-len", type=int, default=512,
+    x.add_argument("--executorch-max-seq-len", type=int, default=512, metavar="N",
                    help="positions of the static KV cache (prompt + generated tokens)")
     x.add_argument("--executorch-check", type=int, default=0, metavar="N",
                    help="after writing, run the .pte in ExecuTorch's runtime on N held-out sequences "
@@ -618,6 +621,7 @@ def _quantize_executorch(args) -> int:
     from metroline.model import executorch_export as et
 
     et.require_executorch()  # before loading anything: one line naming the extra
+    et.check_options(args.executorch_bits, args.executorch_group_size, args.executorch_max_seq_len)
     from metroline.model.loader import load_model
 
     loaded = load_model(args.model, weights="fp32", device="cpu", show_progress=True,

@@ -45,7 +45,7 @@ def require_executorch():
         import executorch  # noqa: F401
         from executorch.exir import to_edge_transform_and_lower  # noqa: F401
     except ImportError as e:
-        raise MetrolineError(f"--to executorch needs the executorch package ({e.name or e}): "
+        raise MetrolineError(f"--to executorch needs the optional executorch package ({e}): "
                              f"{INSTALL_HINT}") from None
     except Exception as e:  # a broken install (e.g. built against another torch): say which
         msg = " ".join(str(e).split())[:200]
@@ -205,9 +205,15 @@ class ExportResult:
     seconds: float
 
 
-def build(model, bits: int = 4, group_size: int = 32, max_seq_len: int = 512) -> ExportLlama:
+def check_options(bits: int, group_size: int, max_seq_len: int) -> None:
     if bits not in BITS:
         raise MetrolineError(f"--executorch-bits must be one of {', '.join(map(str, BITS))}")
+    if group_size < 1 or max_seq_len < 2:
+        raise MetrolineError("--executorch-group-size must be >= 1 and --executorch-max-seq-len >= 2")
+
+
+def build(model, bits: int = 4, group_size: int = 32, max_seq_len: int = 512) -> ExportLlama:
+    check_options(bits, group_size, max_seq_len)
     net = ExportLlama(model, max_seq_len, quant_embedding=bits != 32).eval()
     net.schemes = quantize_linears(net, bits, group_size)
     return net
@@ -282,14 +288,15 @@ class PteRunner:
         return out, t1 - t0, time.perf_counter() - t1
 
 
-def compare(runner: PteRunner, reference, seqs: list[list[int]]) -> dict:
+def compare(runner: PteRunner, reference, seqs: list[list[int]], attention: str = "auto") -> dict:
     """Teacher-forced agreement of the .pte with metroline's own forward of `reference`
-    (a LoadedModel): max |logprob diff|, top-1 agreement and mean KL(reference || pte)."""
+    (a LoadedModel) on `attention` ("auto": what the engine serves; on a CPU with the kernels
+    built, a K/V cache in fp16): max |logprob diff|, top-1 agreement, mean KL(reference || pte)."""
     from metroline.quant.evaluate import logits_of
 
     same, kl, n, worst = 0, 0.0, 0, 0.0
     for ids in seqs:
-        p, q = logits_of(reference, ids), runner.logprobs(ids)
+        p, q = logits_of(reference, ids, attention), runner.logprobs(ids)
         same += int((p.argmax(-1) == q.argmax(-1)).sum())
         kl += float((p.exp() * (p - q)).sum())
         worst = max(worst, float((p - q).abs().max()))

@@ -49,15 +49,16 @@ def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, coun
 
 
 @torch.inference_mode()
-def logits_of(loaded, ids: list[int]) -> torch.Tensor:
+def logits_of(loaded, ids: list[int], attention: str = "auto") -> torch.Tensor:
     """[len(ids) - 1, vocab] float64 log-probabilities of each next token, teacher-forced
-    through the engine's own attention backend and paged KV cache."""
+    through the engine's own attention backend (`attention`: "auto", "cpu" or "torch", as
+    metroline.platform.resolve_attention_backend takes it) and paged KV cache."""
     from metroline.attention.backend import SeqInfo, get_attention_backend
     from metroline.platform import resolve_attention_backend
 
     model = loaded.model
     cfg, p = loaded.config, next(model.parameters())
-    backend = get_attention_backend(resolve_attention_backend("auto", p.device))
+    backend = get_attention_backend(resolve_attention_backend(attention, p.device))
     bs = 16
     nblocks = -(-len(ids) // bs)
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
