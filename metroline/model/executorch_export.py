@@ -8,7 +8,7 @@ the export builds `ExportLlama`, a plain-torch copy of the same network made for
 * a static KV cache: one [kv_heads, max_seq_len, head_dim] buffer pair per layer, written in
   place with index_put at `input_pos` (ExecuTorch keeps mutable buffers between calls), and
   attention over the whole cache with a causal mask `key_pos <= query_pos` (which also hides
-  the slots not written yet);
+  the slots not written yet, whose initial bytes the .pte does not fix);
 * RoPE (rotate-half, the HF layout the loader produces), RMSNorm and GQA written as plain ops.
 
 Weights (`bits`): 4 = int8 dynamic activations x int4 weights, symmetric, one scale per
@@ -104,7 +104,7 @@ class _Layer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(self.kvh, max_seq_len, self.d))
         self.register_buffer("v_cache", torch.zeros(self.kvh, max_seq_len, self.d))
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, input_pos, mask, written):
         T = x.shape[0]
         h, kvh, d = self.h, self.kvh, self.d
         qkv = self.qkv(self.input_norm(x))
@@ -117,8 +117,12 @@ class _Layer(nn.Module):
         g = h // kvh  # q head i reads kv head i // g (HF's repeat_kv order)
         qg = q.view(T, kvh, g, d).permute(1, 2, 0, 3)  # [kvh, g, T, d]
         scores = torch.matmul(qg, self.k_cache.unsqueeze(1).transpose(2, 3)) * self.scale  # [kvh, g, T, S]
-        probs = torch.softmax(scores + mask, dim=-1)  # mask [T, S]
-        out = torch.matmul(probs, self.v_cache.unsqueeze(1))  # [kvh, g, T, d]
+        # The cache's initial state is not in the file (ExecuTorch plans mutable buffers with no
+        # stored contents): slots not written yet are selected away, never added to, so that
+        # whatever bytes they hold (even NaN) cannot reach the output.
+        probs = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)  # mask [T, S]
+        v_cache = torch.where(written, self.v_cache, 0.0)  # written [S, 1]
+        out = torch.matmul(probs, v_cache.unsqueeze(1))  # [kvh, g, T, d]
         out = out.permute(2, 0, 1, 3).reshape(T, h * d)
         x = x + self.o(out)
         gu = self.gate_up(self.post_norm(x))
@@ -154,9 +158,10 @@ class ExportLlama(nn.Module):
         x = self.embed(tokens)
         cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)
         key_pos = torch.arange(self.max_seq_len)
-        mask = torch.where(key_pos.unsqueeze(0) <= input_pos.unsqueeze(1), 0.0, float("-inf"))
+        mask = key_pos.unsqueeze(0) <= input_pos.unsqueeze(1)  # [T, S]: causal, and written
+        written = (key_pos <= input_pos.max()).unsqueeze(1)  # [S, 1]: slots written by now
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, written)
         return self.lm_head(self.norm(x))
 
     def reset_cache(self) -> None:
