@@ -164,11 +164,6 @@ class ExportLlama(nn.Module):
             x = layer(x, cos, sin, input_pos, mask, written)
         return self.lm_head(self.norm(x))
 
-    def reset_cache(self) -> None:
-        for layer in self.layers:
-            layer.k_cache.zero_()
-            layer.v_cache.zero_()
-
 
 def quantize_linears(net: ExportLlama, bits: int, group_size: int) -> dict[str, str]:
     """torchao weight quantization of every linear layer for XNNPACK; returns layer -> scheme."""
