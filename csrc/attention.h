@@ -1,8 +1,9 @@
 // Paged decode attention over the KV cache: plain C++, no torch headers (attention_ops.cpp is
 // the torch-facing side). One kernel, attention_kernel.h, instantiated per ISA.
 //
-// KV cache, per layer: k_cache, v_cache [num_blocks * block_size, Hkv, D], fp16 or fp32;
-// position p of sequence b lives in slot block_tables[b][p / block_size] * block_size +
+// KV cache, per layer: k_cache, v_cache [num_blocks * block_size, Hkv, R], fp16 or fp32 with
+// R = D, or int8 with R = D + 2: a head's row is D int8 values q then their fp16 scale d
+// (2 bytes, little-endian), x ~ d * q (kv_cache.h); position p of sequence b lives in slot block_tables[b][p / block_size] * block_size +
 // p % block_size. Sequence b has q_len = query_start_loc[b+1] - query_start_loc[b] query
 // tokens, the last q_len of its context_lens[b] positions (already in the cache): query j
 // sits at position context_len - q_len + j and sees keys 0..that position.
@@ -16,14 +17,16 @@
 
 #include <cstdint>
 
+#include "kv_cache.h"
+
 namespace metroline {
 
 struct PagedAttnArgs {
   const float* q;  // [T, Hq, D], strides below (elements), last dim contiguous
   int64_t q_tok, q_head;
-  const void* k_cache;  // uint16_t (fp16) or float, contiguous
+  const void* k_cache;  // float, uint16_t (fp16) or int8 rows (KvType), contiguous
   const void* v_cache;
-  bool f16;
+  int kv;  // KvType
   const int32_t* block_tables;  // [B, bt_stride]
   int64_t bt_stride;
   const int32_t* context_lens;     // [B]

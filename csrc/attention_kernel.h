@@ -10,7 +10,9 @@
 //           new max, alpha = exp(old max - new max), p = exp(s - new max), sum = sum*alpha + sum(p)
 //   values  o[m] = o[m] * alpha + sum_i p[m][i] * v[i]
 // Rows are taken V::MT at a time so a tile's accumulators stay in registers; K/V rows are
-// converted from fp16 in registers, once per tile.
+// converted from fp16 (or int8) in registers, once per tile. With int8 rows (kv_cache.h) the
+// chunk's per-key scales are folded in where they factor out: score_i = (q . k_i) * dk_i, and
+// the value sum takes p_i * dv_i in place of p_i (the softmax sum l keeps the plain p_i).
 #pragma once
 // Needs <cmath>, <cstring>, <limits>, included by the .cpp before its target pragma
 // (a system header compiled under the pragma would leak ISA-specific inline copies).
@@ -118,14 +120,21 @@ struct AttnRows {
 };
 
 // One chunk of n keys at positions p0.. for rows [m0, m0 + MT).
+// ksc / vsc: the chunk's key and value scales, fp16 (W entries, int8 rows only).
 template <class V, class KT, int MT, int DC>
 static void chunk_tile(const AttnRows& r, int m0, int D, const KT* kp, const KT* vp, int64_t kv_tok,
-                       int64_t p0, int n) {
+                       int64_t p0, int n, const uint16_t* ksc, const uint16_t* vsc) {
   using F = typename V::F;
   constexpr int W = V::W;
+  constexpr bool scaled = sizeof(KT) == 1;
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
   F s[MT];
   score_tile<V, KT, MT, DC>(r.q + m0 * D, D, kp, kv_tok, n, s);
+  if constexpr (scaled) {
+    const F dk = V::load(ksc);
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) s[t] = V::mul(s[t], dk);
+  }
 #pragma GCC unroll 8
   for (int t = 0; t < MT; ++t) {
     const int m = m0 + t;
@@ -141,7 +150,10 @@ static void chunk_tile(const AttnRows& r, int m0, int D, const KT* kp, const KT*
     r.alpha[m] = mnew == r.mx[m] ? 1.f : std::exp(r.mx[m] - mnew);  // 0 on a row's first chunk
     const F p = V::exp(V::sub(sm, V::set1(mnew)));
     r.l[m] = r.l[m] * r.alpha[m] + V::hsum(p);
-    V::store(r.p + m * W, p);
+    if constexpr (scaled)
+      V::store(r.p + m * W, V::mul(p, V::load(vsc)));
+    else
+      V::store(r.p + m * W, p);
     r.mx[m] = mnew;
   }
   value_tile<V, KT, MT, DC>(r.o + m0 * D, r.p + m0 * W, r.alpha + m0, D, vp, kv_tok, n);
@@ -149,19 +161,19 @@ static void chunk_tile(const AttnRows& r, int m0, int D, const KT* kp, const KT*
 
 template <class V, class KT, int DC, int MT>
 static inline void chunk_tail(const AttnRows& r, int m, int rem, int D, const KT* kp, const KT* vp,
-                              int64_t kv_tok, int64_t p0, int n) {
+                              int64_t kv_tok, int64_t p0, int n, const uint16_t* ksc, const uint16_t* vsc) {
   if constexpr (MT >= 1) {
-    if (rem == MT) return chunk_tile<V, KT, MT, DC>(r, m, D, kp, vp, kv_tok, p0, n);
-    chunk_tail<V, KT, DC, MT - 1>(r, m, rem, D, kp, vp, kv_tok, p0, n);
+    if (rem == MT) return chunk_tile<V, KT, MT, DC>(r, m, D, kp, vp, kv_tok, p0, n, ksc, vsc);
+    chunk_tail<V, KT, DC, MT - 1>(r, m, rem, D, kp, vp, kv_tok, p0, n, ksc, vsc);
   }
 }
 
 template <class V, class KT, int DC>
 static void chunk_rows(const AttnRows& r, int M, int D, const KT* kp, const KT* vp, int64_t kv_tok,
-                       int64_t p0, int n) {
+                       int64_t p0, int n, const uint16_t* ksc, const uint16_t* vsc) {
   int m = 0;
-  for (; M - m >= V::MT; m += V::MT) chunk_tile<V, KT, V::MT, DC>(r, m, D, kp, vp, kv_tok, p0, n);
-  if (m < M) chunk_tail<V, KT, DC, V::MT - 1>(r, m, M - m, D, kp, vp, kv_tok, p0, n);
+  for (; M - m >= V::MT; m += V::MT) chunk_tile<V, KT, V::MT, DC>(r, m, D, kp, vp, kv_tok, p0, n, ksc, vsc);
+  if (m < M) chunk_tail<V, KT, DC, V::MT - 1>(r, m, M - m, D, kp, vp, kv_tok, p0, n, ksc, vsc);
 }
 
 template <class V, class KT, int DC>
@@ -188,17 +200,28 @@ static void attend_any(const metroline::PagedAttnArgs& a, const metroline::AttnI
     }
   std::memset(ob, 0, sizeof(float) * M * D);
 
-  const int64_t bs = a.block_size, kv_tok = a.Hkv * D;
+  constexpr bool scaled = sizeof(KT) == 1;
+  const int64_t row = scaled ? D + 2 : D;  // a head's row (kv_cache.h)
+  const int64_t bs = a.block_size, kv_tok = a.Hkv * row;
   const int64_t k_end = it.k1 < base + it.j0 + it.nj ? it.k1 : base + it.j0 + it.nj;
-  const KT* kc = static_cast<const KT*>(a.k_cache) + int64_t(it.h) * D;
-  const KT* vc = static_cast<const KT*>(a.v_cache) + int64_t(it.h) * D;
+  const KT* kc = static_cast<const KT*>(a.k_cache) + int64_t(it.h) * row;
+  const KT* vc = static_cast<const KT*>(a.v_cache) + int64_t(it.h) * row;
   const int32_t* bt = a.block_tables + it.b * a.bt_stride;
+  alignas(64) uint16_t ksc[W < 8 ? 8 : W] = {}, vsc[W < 8 ? 8 : W] = {};
   for (int64_t p0 = it.k0; p0 < k_end;) {
     const int64_t off = p0 % bs;
     int64_t n = bs - off < W ? bs - off : W;
     if (k_end - p0 < n) n = k_end - p0;
     const int64_t slot = int64_t(bt[p0 / bs]) * bs + off;
-    chunk_rows<V, KT, DC>(r, M, D, kc + slot * kv_tok, vc + slot * kv_tok, kv_tok, p0, int(n));
+    const KT *kp = kc + slot * kv_tok, *vp = vc + slot * kv_tok;
+    if constexpr (scaled) {  // the chunk's fp16 scales side by side, widened by one vector load
+      for (int i = 0; i < n; ++i) {
+        std::memcpy(ksc + i, kp + i * kv_tok + D, 2);
+        std::memcpy(vsc + i, vp + i * kv_tok + D, 2);
+      }
+      for (int i = int(n); i < W; ++i) ksc[i] = vsc[i] = 0;
+    }
+    chunk_rows<V, KT, DC>(r, M, D, kp, vp, kv_tok, p0, int(n), ksc, vsc);
     p0 += n;
   }
 
@@ -216,16 +239,16 @@ static void attend_any(const metroline::PagedAttnArgs& a, const metroline::AttnI
   }
 }
 
+template <class V, class KT>
+static void attend_dims(const metroline::PagedAttnArgs& a, const metroline::AttnItem& it, float* part) {
+  if (a.D == 64) return attend_any<V, KT, 64>(a, it, part);
+  if (a.D == 128) return attend_any<V, KT, 128>(a, it, part);
+  attend_any<V, KT, 0>(a, it, part);
+}
+
 template <class V>
 static void attend_dispatch(const metroline::PagedAttnArgs& a, const metroline::AttnItem& it, float* part) {
-  switch (a.D * 2 + a.f16) {
-    case 128: return attend_any<V, float, 64>(a, it, part);
-    case 129: return attend_any<V, uint16_t, 64>(a, it, part);
-    case 256: return attend_any<V, float, 128>(a, it, part);
-    case 257: return attend_any<V, uint16_t, 128>(a, it, part);
-  }
-  if (a.f16)
-    attend_any<V, uint16_t, 0>(a, it, part);
-  else
-    attend_any<V, float, 0>(a, it, part);
+  if (a.kv == metroline::KV_F16) return attend_dims<V, uint16_t>(a, it, part);
+  if (a.kv == metroline::KV_I8) return attend_dims<V, int8_t>(a, it, part);
+  attend_dims<V, float>(a, it, part);
 }

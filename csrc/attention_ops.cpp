@@ -55,16 +55,21 @@ const int64_t* check_slots(const char* op, const at::Tensor& slot_mapping, int64
   return slots;
 }
 
-void check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv,
-                     int64_t D) {
+int check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv,
+                    int64_t D) {
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
                   k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               op, "k_cache and v_cache must be contiguous CPU tensors of one shape [S, Hkv, D] and dtype");
-  TORCH_CHECK(k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat, op,
-              "the cache must be float16 or float32, got ", k_cache.scalar_type());
-  TORCH_CHECK(Hkv < 0 || (k_cache.size(1) == Hkv && k_cache.size(2) == D), op, "the cache is ", k_cache.sizes(),
-              ", expected [S, ", Hkv, ", ", D, "]");
+  const auto t = k_cache.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kFloat || t == at::kChar, op,
+              "the cache must be float16, float32 or int8 rows, got ", t);
+  const int kv = t == at::kHalf ? KV_F16 : t == at::kChar ? KV_I8 : KV_F32;
+  TORCH_CHECK(kv != KV_I8 || k_cache.size(2) > 2, op, "an int8 cache's rows are head_dim + 2 bytes, got ",
+              k_cache.sizes());
+  TORCH_CHECK(Hkv < 0 || (k_cache.size(1) == Hkv && k_cache.size(2) == kv_row_elems(kv, D)), op, "the cache is ",
+              k_cache.sizes(), ", expected [S, ", Hkv, ", ", kv_row_elems(kv, D), "]");
+  return kv;
 }
 
 void check_paged_layout(const char* op, const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -178,9 +183,10 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   const char* op = "metroline.paged_attention_decode: ";
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, op,
               "q must be a float32 CPU tensor [T, Hq, D] with a contiguous last dim");
-  check_kv_caches(op, k_cache, v_cache, -1, 0);
+  const int kv = check_kv_caches(op, k_cache, v_cache, -1, 0);
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(0), Hkv = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == D, op, "q has head_dim ", D, ", the cache ", k_cache.size(2));
+  TORCH_CHECK(kv_head_dim(kv, k_cache.size(2)) == D, op, "q has head_dim ", D, ", the cache ",
+              kv_head_dim(kv, k_cache.size(2)));
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, "Hq = ", Hq, " is not a multiple of Hkv = ", Hkv);
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(D > 0 && D % 16 == 0 && G <= kAttnMaxRows && G * D <= kAttnMaxRowElems, op,
@@ -201,7 +207,7 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   a.q_head = q.stride(1);
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
-  a.f16 = k_cache.scalar_type() == at::kHalf;
+  a.kv = kv;
   a.Hq = Hq;
   a.Hkv = Hkv;
   a.D = D;

@@ -22,8 +22,11 @@ const int64_t* check_positions(const char* op, const at::Tensor& positions, int6
 // Checks slot_mapping [T] int64 (each a slot of an S-slot cache, or -1); returns its data.
 const int64_t* check_slots(const char* op, const at::Tensor& slot_mapping, int64_t T, int64_t S);
 
-// Checks k_cache / v_cache (one shape [S, Hkv, D] and dtype, fp16 or fp32, contiguous).
-void check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D);
+// Checks k_cache / v_cache (one shape [S, Hkv, R] and dtype, contiguous: fp32 or fp16 with
+// R = D, int8 with R = D + 2, kv_cache.h) and returns their KvType. D < 0: any R (not checked).
+int check_kv_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D);
+// The head_dim D of a cache of type kv whose rows hold R elements.
+inline int64_t kv_head_dim(int kv, int64_t R) { return kv == KV_I8 ? R - 2 : R; }
 
 // Checks block_tables [B, max_blocks] int32, context_lens [B] int32 and query_start_loc [B+1]
 // int32 against T query rows and a cache of S rows, and fills a's layout fields

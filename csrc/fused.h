@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "kv_cache.h"
+
 namespace metroline {
 
 // y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, in fp32. With res != nullptr (add_rms_norm):
@@ -46,9 +48,9 @@ struct RopeArgs {
   const float* sin;
   int64_t cos_tok, sin_tok;
   const int64_t* pos;  // nullable
-  void* k_cache;       // [S, Hkv, D] contiguous, fp16 (uint16_t) or fp32
+  void* k_cache;       // [S, Hkv, R] contiguous: fp32 or fp16 (R = D), int8 rows (R = D + 2)
   void* v_cache;
-  bool f16;
+  int kv;              // KvType
   const int64_t* slots;
   int64_t D;
 };

@@ -103,9 +103,25 @@ static inline void cache_row(CT* dst, const float* src, int64_t D) {
   }
 }
 
+// An int8 row (kv_cache.h): D values, then the fp16 scale. Scalar: exact, and ~D ns per row.
+static inline void cache_row_i8(int8_t* dst, const float* src, int64_t D) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::fabs(src[i]) > amax ? std::fabs(src[i]) : amax;
+  const uint16_t dh = float_to_half(amax / 127.f);
+  const float d = half_to_float(dh), inv = d > 0.f ? 1.f / d : 0.f;
+  for (int64_t i = 0; i < D; ++i) {
+    // Round half to even by the 1.5 * 2^23 trick (|x * inv| <= 128 here), as torch.round.
+    float v = (src[i] * inv + 12582912.f) - 12582912.f;
+    v = v > 127.f ? 127.f : v >= -127.f ? v : -127.f;  // (a NaN lands on -127)
+    dst[i] = int8_t(v);
+  }
+  std::memcpy(dst + D, &dh, 2);
+}
+
 template <class V, class CT>
 static void rope_kv_rows(const metroline::RopeArgs& a, int64_t t0, int64_t t1) {
-  const int64_t D = a.D, cache_tok = a.Hkv * D;
+  constexpr bool i8 = sizeof(CT) == 1;
+  const int64_t D = a.D, row = i8 ? D + 2 : D, cache_tok = a.Hkv * row;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t p = a.pos != nullptr ? a.pos[t] : t;
     const float *c = a.cos + p * a.cos_tok, *s = a.sin + p * a.sin_tok;
@@ -115,16 +131,26 @@ static void rope_kv_rows(const metroline::RopeArgs& a, int64_t t0, int64_t t1) {
       float* k = a.k + t * a.k_tok + h * a.k_head;
       rope_row<V>(k, c, s, D);
       if (slot < 0) continue;
-      cache_row<V>(static_cast<CT*>(a.k_cache) + slot * cache_tok + h * D, k, D);
-      cache_row<V>(static_cast<CT*>(a.v_cache) + slot * cache_tok + h * D, a.v + t * a.v_tok + h * a.v_head, D);
+      CT* kd = static_cast<CT*>(a.k_cache) + slot * cache_tok + h * row;
+      CT* vd = static_cast<CT*>(a.v_cache) + slot * cache_tok + h * row;
+      const float* v = a.v + t * a.v_tok + h * a.v_head;
+      if constexpr (i8) {
+        cache_row_i8(kd, k, D);
+        cache_row_i8(vd, v, D);
+      } else {
+        cache_row<V>(kd, k, D);
+        cache_row<V>(vd, v, D);
+      }
     }
   }
 }
 
 template <class V>
 static void rope_kv_any(const metroline::RopeArgs& a, int64_t t0, int64_t t1) {
-  if (a.f16)
+  if (a.kv == metroline::KV_F16)
     rope_kv_rows<V, uint16_t>(a, t0, t1);
+  else if (a.kv == metroline::KV_I8)
+    rope_kv_rows<V, int8_t>(a, t0, t1);
   else
     rope_kv_rows<V, float>(a, t0, t1);
 }

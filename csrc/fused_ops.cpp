@@ -108,7 +108,7 @@ void rope_kv_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   } else {
     TORCH_CHECK(P >= T, op, "without positions cos/sin need a row per token: ", P, " rows for T = ", T);
   }
-  check_kv_caches(op, k_cache, v_cache, Hkv, D);
+  const int kv = check_kv_caches(op, k_cache, v_cache, Hkv, D);
   const int64_t* slots = check_slots(op, slot_mapping, T, k_cache.size(0));
   RopeArgs a;
   a.q = q.data_ptr<float>();
@@ -129,7 +129,7 @@ void rope_kv_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   a.pos = pos;
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
-  a.f16 = k_cache.scalar_type() == at::kHalf;
+  a.kv = kv;
   a.slots = slots;
   a.D = D;
   run_rows(pick(isa, rope_kv_write_scalar, rope_kv_write_avx2, rope_kv_write_avx512), a, T, (Hq + 3 * Hkv) * D);

@@ -87,6 +87,8 @@ using RopeFn = void (*)(const RopeArgs&, int64_t, int64_t);
 Linear linear(const char* op, const at::Tensor& w, int64_t fmt, int64_t N, int64_t K, int64_t layer,
               const char* name) {
   TORCH_CHECK(fmt_valid(int(fmt)), op, "layer ", layer, " ", name, ": unsupported weight format ", fmt);
+  TORCH_CHECK(fmt_k_ok(int(fmt), K), op, "layer ", layer, " ", name, ": K=", K, " is not a multiple of fmt ", fmt,
+              "'s group");
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() &&
                   w.numel() == packed_bytes(int(fmt), N, K),
               op, "layer ", layer, " ", name, ": expected ", packed_bytes(int(fmt), N, K),
@@ -130,6 +132,7 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
   const int64_t Nqkv = (Hq + 2 * Hkv) * D;
   std::vector<Layer> layers(L);
   const int64_t S = k_caches[0].size(0);
+  int kv = KV_F32;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = &weights[6 * l];
     Layer& y = layers[l];
@@ -139,7 +142,7 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
     y.down = linear(op, w[3], fmts[4 * l + 3], H, I, l, "down");
     y.post_ln = norm_weight(op, w[4], H, l);
     y.next_ln = norm_weight(op, w[5], H, l);
-    check_kv_caches(op, k_caches[l], v_caches[l], Hkv, D);
+    kv = check_kv_caches(op, k_caches[l], v_caches[l], Hkv, D);
     TORCH_CHECK(k_caches[l].size(0) == S && k_caches[l].scalar_type() == k_caches[0].scalar_type(), op,
                 "every layer's cache must have the same shape and dtype");
     y.k_cache = k_caches[l].data_ptr();
@@ -166,7 +169,7 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
   att.Hkv = Hkv;
   att.D = D;
   att.scale = float(scale);
-  att.f16 = k_caches[0].scalar_type() == at::kHalf;
+  att.kv = kv;
   const AttnPlan plan = attention_plan(att);
   const int64_t n_items = int64_t(plan.items.size()), n_merges = int64_t(plan.merges.size());
 
@@ -213,7 +216,7 @@ void decode_layers(const at::Tensor& h, const at::Tensor& residual, at::TensorLi
   rope.cos_tok = D;
   rope.sin_tok = D;
   rope.pos = pos;
-  rope.f16 = att.f16;
+  rope.kv = kv;
   rope.slots = slots;
   rope.D = D;
 

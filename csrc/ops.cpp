@@ -83,13 +83,14 @@ int resolve_isa(int64_t isa) {
 
 void check_fmt(int64_t fmt) {
   TORCH_CHECK(fmt_valid(int(fmt)), "metroline: unsupported weight format ", fmt,
-              " (Q4_0=2, Q4_1=3, Q8_0=8)");
+              " (Q4_0=2, Q4_1=3, Q8_0=8, TQ2_0=35, I8_ROW=100, I4_G64=101, I4_G64_ASYM=102, I4_G128=103, "
+              "I4_G128_ASYM=104)");
 }
 
 void check_packed(const at::Tensor& packed, int64_t fmt, int64_t N, int64_t K) {
   check_fmt(fmt);
-  TORCH_CHECK(N > 0 && K > 0 && K % QK == 0, "metroline: need N > 0 and K a positive multiple of 32, got N=",
-              N, " K=", K);
+  TORCH_CHECK(N > 0 && fmt_k_ok(int(fmt), K), "metroline: need N > 0 and K a positive multiple of ",
+              fmt_group(int(fmt)) ? fmt_group(int(fmt)) : QK, " for fmt ", fmt, ", got N=", N, " K=", K);
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "metroline: packed weights must be a contiguous CPU uint8 tensor");
   TORCH_CHECK(packed.numel() == packed_bytes(int(fmt), N, K), "metroline: packed weights hold ",
@@ -104,10 +105,11 @@ at::Tensor repack(const at::Tensor& raw, int64_t fmt) {
   check_fmt(fmt);
   TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2,
               "metroline.repack: raw must be a CPU uint8 tensor [N, row_bytes]");
-  const int64_t rb = raw_block_bytes(int(fmt)), N = raw.size(0);
-  TORCH_CHECK(N > 0 && raw.size(1) > 0 && raw.size(1) % rb == 0, "metroline.repack: row_bytes ",
-              raw.size(1), " is not a multiple of the block size ", rb);
-  const int64_t K = raw.size(1) / rb * QK;
+  const int64_t N = raw.size(0), K = raw_row_k(int(fmt), raw.size(1));
+  TORCH_CHECK(N > 0 && K > 0, "metroline.repack: row_bytes ", raw.size(1),
+              fmt == I8_ROW ? " is not 4 + a multiple of 32 (I8_ROW rows: fp32 d | K int8)"
+                            : " is not a multiple of the block size ",
+              fmt == I8_ROW ? 0 : raw_block_bytes(int(fmt), 0));
   const at::Tensor r = raw.contiguous();
   at::Tensor out = at::empty({packed_bytes(int(fmt), N, K)}, raw.options());
   const uint8_t* src = r.data_ptr<uint8_t>();
@@ -120,7 +122,7 @@ at::Tensor repack(const at::Tensor& raw, int64_t fmt) {
 
 at::Tensor unpack(const at::Tensor& packed, int64_t fmt, int64_t N, int64_t K) {
   check_packed(packed, fmt, N, K);
-  at::Tensor out = at::empty({N, K / QK * raw_block_bytes(int(fmt))}, packed.options());
+  at::Tensor out = at::empty({N, raw_row_bytes(int(fmt), K)}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, n_groups(N), 64, [&](int64_t g0, int64_t g1) {
@@ -213,10 +215,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t isa)
 // lookup reads a few rows of the table, never the whole of it.
 at::Tensor embed_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t fmt) {
   const char* op = "metroline.embed_rows: ";
-  check_fmt(fmt);
+  TORCH_CHECK(fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1, op, "unsupported table format ", fmt,
+              " (Q4_0=2, Q4_1=3, Q8_0=8)");
   TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), op,
               "raw must be a contiguous CPU uint8 tensor [V, row_bytes]");
-  const int64_t rb = raw_block_bytes(int(fmt)), V = raw.size(0), row_bytes = raw.size(1);
+  const int64_t rb = raw_block_bytes(int(fmt), 0), V = raw.size(0), row_bytes = raw.size(1);
   TORCH_CHECK(row_bytes > 0 && row_bytes % rb == 0, op, "row_bytes ", row_bytes, " is not a multiple of ", rb);
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1, op,
               "ids must be an int64 CPU vector");
@@ -278,6 +281,8 @@ std::string cpu_features() {
 
 int64_t packed_nbytes(int64_t fmt, int64_t N, int64_t K) {
   check_fmt(fmt);
+  TORCH_CHECK(N > 0 && fmt_k_ok(int(fmt), K), "metroline.packed_nbytes: need N > 0 and K a positive multiple of ",
+              fmt_group(int(fmt)) ? fmt_group(int(fmt)) : QK, " for fmt ", fmt, ", got N=", N, " K=", K);
   return packed_bytes(int(fmt), N, K);
 }
 

@@ -33,6 +33,7 @@ struct Avx2 {
   static F zero_f() { return _mm256_setzero_ps(); }
   static I lo4(I w) { return _mm256_and_si256(w, _mm256_set1_epi8(15)); }
   static I hi4(I w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(15)); }
+  static I crumb(I w, int l) { return _mm256_and_si256(_mm256_srli_epi16(w, 2 * l), _mm256_set1_epi8(3)); }
   // Nibbles (<= 15) times int8 (|x| <= 127): a pair is <= 3810, so the 8 products of one
   // 32-block (<= 30480) fit int16 lanes; widen once per block.
   static I dot_q4(I acc, I w, I x) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)); }
@@ -50,6 +51,7 @@ struct Avx2 {
   static F load_h(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
   }
+  static F load_f(const float* p) { return _mm256_loadu_ps(p); }
   static F bcastf(float f) { return _mm256_set1_ps(f); }
   static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }

@@ -38,6 +38,7 @@ struct Avx512 {
   static F zero_f() { return _mm512_setzero_ps(); }
   static I lo4(I w) { return _mm512_and_si512(w, _mm512_set1_epi8(15)); }
   static I hi4(I w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(15)); }
+  static I crumb(I w, int l) { return _mm512_and_si512(_mm512_srli_epi16(w, 2 * l), _mm512_set1_epi8(3)); }
   static I dot_q4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static I fin_q4(I acc) { return acc; }
   // vpdpbusd multiplies unsigned by signed bytes: feed w + 128 and subtract 128 * sum(x).
@@ -48,6 +49,7 @@ struct Avx512 {
   static F load_h(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
   }
+  static F load_f(const float* p) { return _mm512_loadu_ps(p); }
   static F bcastf(float f) { return _mm512_set1_ps(f); }
   static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }

@@ -3,7 +3,7 @@
 //
 // The operations the kernels use (W lanes of fp32; vec_avx512.h has the same, W = 16):
 //   MT, ACC_REGS: register budget of the attention tiles (rows per tile, live accumulators)
-//   load(float* | uint16_t* fp16), store(float* | uint16_t* fp16, round to nearest even)
+//   load(float* | uint16_t* fp16 | int8_t*), store(float* | uint16_t* fp16, round to nearest even)
 //   add sub mul div max, fmadd(a, b, c) = a*b + c (fused), set1, zero
 //   exp: Cephes expf (Cody-Waite reduction, degree-5 polynomial), ~2 ulp; results below
 //        fp32's normal range flush to 0 (so exp(-inf) == 0 exactly), x > 88 gives exp(88)
@@ -22,6 +22,9 @@ struct VAvx2 {
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static F load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static F load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store(uint16_t* p, F v) {
     _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

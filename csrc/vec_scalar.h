@@ -43,6 +43,7 @@ struct VScalar {
   static F set1(float x) { return x; }
   static F load(const float* p) { return *p; }
   static F load(const uint16_t* p) { return half_to_float(*p); }
+  static F load(const int8_t* p) { return float(*p); }
   static void store(float* p, F v) { *p = v; }
   static void store(uint16_t* p, F v) { *p = float_to_half(v); }
   static F add(F a, F b) { return a + b; }

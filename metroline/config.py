@@ -9,7 +9,15 @@ from metroline.errors import InvalidRequestError
 
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
 # a packed format, or dequantized.
-WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "fp32", "bf16", "fp16")
+# The packed targets (platform.PACKED_TARGETS; metroline.quant.formats.TARGETS maps them to formats).
+WEIGHT_CHOICES = ("auto", "packed", "q8_0", "q4_0", "q4_1", "int8", "int4-g32", "int4-g32-asym", "int4-g64",
+                  "int4-g64-asym", "int4-g128", "int4-g128-asym", "ternary", "fp32", "bf16", "fp16")
+# KV cache formats (kernels/kv_cache.py); auto: the attention backend's default (fp16 on the
+# CPU kernels, the model's dtype on the torch backend).
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
+# How weights quantized at load are rounded: to nearest, or importance-weighted
+# (metroline.quant.calibrate; must match calibrate.QUANT_METHODS).
+QUANT_METHOD_CHOICES = ("rtn", "imatrix")
 
 
 def _require(cond: bool, msg: str, param: str) -> None:
@@ -33,6 +41,8 @@ class CacheConfig:
     # Bytes of host memory for KV blocks evicted from an accelerator. None: automatic (on a
     # GPU, 10% of free host memory; off on the CPU device, where it would gain nothing); 0: off.
     host_kv_cache_memory: int | None = None
+    # One of KV_CACHE_DTYPE_CHOICES: int8 holds ~2x the tokens of fp16 in the same memory.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -47,6 +57,8 @@ class CacheConfig:
                  "host_kv_cache_memory must be >= 0", "host_kv_cache_memory")
         _require(self.num_blocks is None or self.num_blocks >= 2,
                  "num_blocks must be at least 2", "num_blocks")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPE_CHOICES,
+                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)}", "kv_cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -102,12 +114,22 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     seed: int = 0
+    quant_method: str = "rtn"  # one of QUANT_METHOD_CHOICES
+    imatrix: str | None = None  # importance file (read if present, else written); imatrix only
 
     def __post_init__(self):
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}", "dtype")
         _require(self.weights in WEIGHT_CHOICES,
                  f"unsupported weight format {self.weights!r}", "weights")
+        _require(self.quant_method in QUANT_METHOD_CHOICES,
+                 f"unknown quantization method {self.quant_method!r} (choose from "
+                 f"{', '.join(QUANT_METHOD_CHOICES)})", "quant_method")
+        _require(self.imatrix is None or self.quant_method == "imatrix",
+                 "--imatrix FILE goes with --quant-method imatrix", "imatrix")
+        _require(self.quant_method == "rtn" or self.weights not in ("fp32", "bf16", "fp16"),
+                 f"--quant-method {self.quant_method} calibrates weights quantized at load "
+                 f"(--weights q8_0, q4_0, q4_1), not {self.weights}", "quant_method")
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """'auto': on a CPU with metroline's C++ kernels built, "cpu" (fused RoPE + fp16 K/V write,
-    paged attention straight from the blocks); else "torch", which runs anywhere (a CUDA
-    backend registers in attention/ when present)."""
+def resolve_attention_backend(name: str, device: torch.device, kv_cache_dtype: torch.dtype | None = None) -> str:
+    """'auto': on a CPU with metroline's C++ kernels built, "cpu" (fused RoPE + K/V write, paged
+    attention straight from the blocks) unless the KV cache format asked for is one those
+    kernels do not read (bf16, fp8); else "torch", which runs anywhere (a CUDA backend
+    registers in attention/ when present)."""
     if name != "auto":
         return name
     if device.type == "cpu":
         from metroline.kernels import fused
+        from metroline.kernels.kv_cache import CPU_KERNEL_KV_DTYPES
 
-        if fused.available("paged_attention_decode") and fused.available("rope_kv_write"):
+        if (fused.available("paged_attention_decode") and fused.available("rope_kv_write")
+                and (kv_cache_dtype is None or kv_cache_dtype in CPU_KERNEL_KV_DTYPES)):
             return "cpu"
     return "torch"
+
+
+def resolve_kv_cache_dtype(name: str) -> torch.dtype | None:
+    """--kv-cache-dtype: None for 'auto' (the attention backend's default), else the torch dtype
+    the cache is kept in (kernels/kv_cache.py; the backend refuses a format it cannot read)."""
+    from metroline.kernels.kv_cache import KV_CACHE_DTYPES
+
+    return None if name == "auto" else KV_CACHE_DTYPES[name]
 
 
 def resolve_kv_cache_memory_fraction(fraction: float | None, device: torch.device) -> float:
@@ -82,15 +93,17 @@ def resolve_threads(threads: int | None) -> int:
     return threads if threads else physical_cores()
 
 
-# The packed formats a model can be quantized into at load (--weights q8_0 | q4_0 | q4_1).
-PACKED_TARGETS = ("q8_0", "q4_0", "q4_1")
+# The packed formats a model can be quantized into at load (--weights q8_0 | q4_0 | q4_1 | int8
+# | int4-g{32,64,128}[-asym] | ternary; int4-g32 and int4-g32-asym are GGUF's q4_0 and q4_1).
+PACKED_TARGETS = ("q8_0", "q4_0", "q4_1", "int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym",
+                  "int4-g128", "int4-g128-asym", "ternary")
 
 
 def resolve_weights(weights: str, device: torch.device, source_kind: str,
                     kernels_available: bool) -> str:
     """How weights are held: 'packed' (GGUF Q8_0/Q4_0/Q4_1 kept as stored and computed on by
-    the C++ kernels), 'q8_0' / 'q4_0' / 'q4_1' (every matrix quantized into that packed format
-    at load, whatever the file stores), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto:
+    the C++ kernels), 'q8_0' / 'q4_0' / 'q4_1' / 'int8' / 'int4-g*' / 'ternary' (every matrix
+    quantized into that packed format at load, whatever the file stores), or dequantized to 'fp32' / 'bf16' / 'fp16'. auto:
     packed for a GGUF on the CPU when the kernels are built; bf16 on CUDA until a GPU kernel
     exists; else fp32."""
     if weights not in WEIGHT_CHOICES:

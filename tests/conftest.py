@@ -27,6 +27,11 @@ def pytest_configure(config):
     # threads take a core. One intra-op thread keeps every test's timing sane; benchmarks,
     # not tests, measure speed. METROLINE_TEST_THREADS overrides.
     torch.set_num_threads(int(os.environ.get("METROLINE_TEST_THREADS", "1")))
+    # `--weights auto` reads what `metroline eval formats` recorded on this machine: tests see
+    # an empty record store of their own (tests that record set it per test).
+    import tempfile
+
+    os.environ["METROLINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="metroline-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

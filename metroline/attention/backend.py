@@ -1,6 +1,7 @@
 """Paged attention: one interface, and a pure-torch backend that runs on any device.
 
-KV cache layout, per layer: two tensors [num_blocks * block_size, num_kv_heads, head_dim].
+KV cache layout, per layer: two tensors [num_blocks * block_size, num_kv_heads, R], R = head_dim
+(fp32 / fp16 / bf16 / fp8), or head_dim + 2 for int8 rows with their scale (kernels/kv_cache.py).
 A token's slot is block_id * block_size + offset; `slot_mapping[i]` is where token i of the
 flat batch writes its K and V. Sequences are ordered decode-like first (a few query tokens,
 at most MAX_DECODE_QUERY: a decode, or a decode with draft tokens to verify, over a cache),
@@ -14,6 +15,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from metroline.kernels.kv_cache import CPU_KERNEL_KV_DTYPES, bytes_per_row, read_rows, row_width, write_rows
 
 # A sequence with at most this many query tokens over a non-empty cache is attended like a
 # decode (batched with others, no per-sequence call): speculative verification of k drafts
@@ -71,14 +74,34 @@ class AttentionBackend:
 
     name = "abstract"
     fuses_rope = False
-    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+    # The cache formats it reads (kernels/kv_cache.py), and the one it takes by default (None:
+    # the model's dtype).
+    kv_cache_dtypes: tuple[torch.dtype, ...] = ()
+    default_kv_cache_dtype: torch.dtype | None = None
+
+    def __init__(self, kv_cache_dtype: torch.dtype | None = None):
+        if kv_cache_dtype is not None and kv_cache_dtype not in self.kv_cache_dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.kv_cache_dtypes)
+            raise ValueError(f"the {self.name} attention backend keeps its KV cache in {names}, "
+                             f"not {str(kv_cache_dtype).removeprefix('torch.')}")
+        self.kv_cache_dtype = kv_cache_dtype or self.default_kv_cache_dtype
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return self.kv_cache_dtype or model_dtype
+
+    def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                           model_dtype: torch.dtype) -> int:
+        """K and V of one token in every layer."""
+        return 2 * num_layers * num_kv_heads * bytes_per_row(self.cache_dtype(model_dtype), head_dim)
 
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
                           num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                           device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`dtype`: the model's (the cache's own when the backend was given none)."""
         # Uninitialised on purpose (the pages are only touched as blocks fill): no slot is read
         # before it is written, since padded decode slots point at a sequence's own first token.
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        dtype = self.cache_dtype(dtype)
+        shape = (num_blocks * block_size, num_kv_heads, row_width(dtype, head_dim))
         return [(torch.empty(shape, dtype=dtype, device=device),
                  torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
 
@@ -152,9 +175,12 @@ class TorchAttentionBackend(AttentionBackend):
     layer over gathered K/V, grouped by context length so the padding stays small (padding
     exists only inside attention, never in the flat token batch); prefill chunks
     use scaled_dot_product_attention per sequence, with a bottom-right causal mask when part
-    of the sequence is already cached."""
+    of the sequence is already cached. A cache in a lossy format (int8, fp8) is read back for
+    every query, the chunk's own keys included, so attention sees what is stored, as the C++
+    backend does."""
 
     name = "torch"
+    kv_cache_dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8)
 
     def build_metadata(self, seqs, block_size, device):
         slot_mapping: list[int] = []
@@ -186,12 +212,13 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        write_rows(k_cache, meta.slot_mapping, k)
+        write_rows(v_cache, meta.slot_mapping, v)
+        lossy = k_cache.dtype in (torch.int8, torch.float8_e4m3fn)
         out = torch.empty_like(q)
         for b in meta.decode_buckets:
-            kd = k_cache[b.slots].transpose(1, 2)  # [b, Hkv, L, D]
-            vd = v_cache[b.slots].transpose(1, 2)
+            kd = read_rows(k_cache, b.slots, q.dtype).transpose(1, 2)  # [b, Hkv, L, D]
+            vd = read_rows(v_cache, b.slots, q.dtype).transpose(1, 2)
             if b.q_rows is None:  # one query each: rows are contiguous
                 rows = slice(b.start, b.start + b.num_rows)
                 o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), kd, vd, attn_mask=b.mask,
@@ -205,13 +232,17 @@ class TorchAttentionBackend(AttentionBackend):
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [Hq, Lq, D]
             if p.kv_slots is None:
-                ks = k[p.q_start:p.q_start + p.q_len].transpose(0, 1)
-                vs = v[p.q_start:p.q_start + p.q_len].transpose(0, 1)
+                rows = slice(p.q_start, p.q_start + p.q_len)
+                if lossy:
+                    ks = read_rows(k_cache, meta.slot_mapping[rows], q.dtype).transpose(0, 1)
+                    vs = read_rows(v_cache, meta.slot_mapping[rows], q.dtype).transpose(0, 1)
+                else:
+                    ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                    enable_gqa=True)
             else:
-                ks = k_cache[p.kv_slots].transpose(0, 1)
-                vs = v_cache[p.kv_slots].transpose(0, 1)
+                ks = read_rows(k_cache, p.kv_slots, q.dtype).transpose(0, 1)
+                vs = read_rows(v_cache, p.kv_slots, q.dtype).transpose(0, 1)
                 Lk = ks.shape[1]
                 # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
                 mask = (torch.arange(Lk, device=q.device).unsqueeze(0)
@@ -237,18 +268,15 @@ class PagedMetadata:
 class CpuPagedAttentionBackend(AttentionBackend):
     """metroline's C++ kernels (metroline.kernels): RoPE and the K/V write fused in one call per
     layer, then one paged-attention call for the whole batch, decodes and prefill chunks alike,
-    reading K/V straight from the blocks. The cache is fp16 (half the bytes of fp32; widened in
-    registers). Each query's result depends only on its own keys, whatever else is batched."""
+    reading K/V straight from the blocks. The cache is fp16 by default (half the bytes of fp32;
+    widened in registers), or int8 rows with a per-token, per-head scale (--kv-cache-dtype int8:
+    1.94x the tokens of fp16 at head_dim 64; the scales folded into scores and weights), or
+    fp32. Each query's result depends only on its own keys, whatever else is batched."""
 
     name = "cpu"
     fuses_rope = True
-
-    def __init__(self, kv_cache_dtype: torch.dtype = torch.float16):
-        self.kv_cache_dtype = kv_cache_dtype
-
-    def allocate_kv_cache(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        return super().allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                                         self.kv_cache_dtype, device)
+    kv_cache_dtypes = CPU_KERNEL_KV_DTYPES
+    default_kv_cache_dtype = torch.float16
 
     def build_metadata(self, seqs, block_size, device):
         # Plain lists, then one tensor each: this runs every step, ~5 tensors for any batch.
@@ -280,8 +308,8 @@ class CpuPagedAttentionBackend(AttentionBackend):
             rope_kv_write(q, k, v, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping,
                           positions=meta.positions)
         else:
-            k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-            v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+            write_rows(k_cache, meta.slot_mapping, k)
+            write_rows(v_cache, meta.slot_mapping, v)
         return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                       meta.query_start_loc, scale, meta.block_size)
 
@@ -289,9 +317,10 @@ class CpuPagedAttentionBackend(AttentionBackend):
 _BACKENDS = {"torch": TorchAttentionBackend, "cpu": CpuPagedAttentionBackend}
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, kv_cache_dtype: torch.dtype | None = None) -> AttentionBackend:
     """A backend by name ('auto' is resolved by metroline.platform; a CUDA backend, e.g.
-    flash-attn or FlashInfer, registers here when present)."""
+    flash-attn or FlashInfer, registers here when present), with its KV cache format (None: the
+    backend's default); ValueError when it cannot keep that format."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (available: {sorted(_BACKENDS)})")
-    return _BACKENDS[name]()
+    return _BACKENDS[name](kv_cache_dtype)

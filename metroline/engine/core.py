@@ -26,9 +26,9 @@ from metroline.engine.runner import ModelRunner
 from metroline.engine.scheduler import Scheduler
 from metroline.engine.speculative import NgramProposer, ProposerBase, SpeculationPolicy, SuffixProposer, as_draft
 from metroline.engine.validation import EngineLimits, validate_request
-from metroline.errors import InvalidRequestError
+from metroline.errors import InvalidRequestError, MetrolineError
 from metroline.kv.kv_manager import KVCacheManager
-from metroline.platform import (resolve_attention_backend, resolve_host_kv_cache_memory,
+from metroline.platform import (resolve_attention_backend, resolve_host_kv_cache_memory, resolve_kv_cache_dtype,
                                 resolve_kv_cache_memory_fraction)
 
 logger = logging.getLogger("metroline.engine")
@@ -84,8 +84,13 @@ class EngineCore:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         bs = self.cache_config.block_size
-        backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device))
-        per_token = ModelRunner.kv_bytes_per_token(model, backend.kv_cache_dtype or self.dtype)
+        kv_dtype = resolve_kv_cache_dtype(self.cache_config.kv_cache_dtype)
+        try:
+            backend = get_attention_backend(resolve_attention_backend(attention_backend, self.device, kv_dtype),
+                                            kv_dtype)
+        except ValueError as e:
+            raise MetrolineError(str(e)) from None
+        per_token = ModelRunner.kv_bytes_per_token(model, backend, self.dtype)
         ctx = model.max_positions
         num_blocks, self.kv_sizing = self._size_kv_pool(per_token, ctx)
         self.num_blocks = num_blocks
@@ -116,7 +121,7 @@ class EngineCore:
                                dtype=str(self.dtype).removeprefix("torch."), num_blocks=num_blocks,
                                block_size=bs, kv_cache_bytes=num_blocks * bs * per_token,
                                attention_backend=backend.name,
-                               kv_cache_dtype=str(backend.kv_cache_dtype or self.dtype).removeprefix("torch."),
+                               kv_cache_dtype=str(backend.cache_dtype(self.dtype)).removeprefix("torch."),
                                kv_sizing=self.kv_sizing)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s), max_model_len %d",
                     num_blocks, bs, num_blocks * bs * per_token / 2**20, self.kv_sizing,

@@ -33,30 +33,34 @@ def accumulate(final: RequestOutput | None, delta: RequestOutput) -> RequestOutp
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                 weights: str = "auto",
+                 weights: str = "auto", quant_method: str = "rtn", imatrix: str | None = None,
                  max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
-                 host_kv_cache_memory: int | None = None,
+                 host_kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto",
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy: str = "fcfs",
                  enable_chunked_prefill: bool = True, grammar_fast_forward: bool = True, seed: int = 0,
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int = 4,
                  show_progress: bool = True, loaded=None):
         """`speculative`: "ngram", "suffix" or "draft:MODEL" (or a SpeculativeConfig) turns on
-        speculative decoding with up to `num_speculative_tokens` drafts per step."""
+        speculative decoding with up to `num_speculative_tokens` drafts per step.
+        `quant_method` "imatrix" (with weights q8_0 / q4_0 / q4_1) quantizes importance-weighted
+        (metroline.quant.calibrate; `imatrix`: the importance file to read or write)."""
         from metroline.model.loader import load_model
 
         if isinstance(speculative, str):
             speculative = SpeculativeConfig(method=speculative, num_speculative_tokens=num_speculative_tokens)
         self.model_config = ModelConfig(model=model, dtype=dtype, device=device, weights=weights,
+                                        quant_method=quant_method, imatrix=imatrix,
                                         max_model_len=max_model_len, seed=seed)
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, weights=weights,
+                                           quant_method=quant_method, imatrix=imatrix,
                                            max_model_len=max_model_len, show_progress=show_progress)
         self.tokenizer = self.loaded.tokenizer
         self.engine = EngineCore(
             self.loaded,
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                         enable_prefix_caching=enable_prefix_caching,
-                        host_kv_cache_memory=host_kv_cache_memory),
+                        host_kv_cache_memory=host_kv_cache_memory, kv_cache_dtype=kv_cache_dtype),
             SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                             max_model_len=max_model_len, policy=policy,
                             enable_chunked_prefill=enable_chunked_prefill,

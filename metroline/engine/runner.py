@@ -42,10 +42,10 @@ class ModelRunner:
         self._whole_step_kernel = model.runs_layers_in_one_call(backend)
 
     @staticmethod
-    def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(model: LlamaForCausalLM, backend: AttentionBackend, dtype: torch.dtype) -> int:
+        """Bytes of K and V per token in `backend`'s cache format (`dtype`: the model's)."""
         cfg = model.config
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+        return backend.kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
     @torch.inference_mode()
     def execute(self, scheduled) -> ModelRunnerOutput:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import metroline.kernels as _k
+from metroline.kernels.kv_cache import write_rows
 
 __all__ = [
     "available", "simd_isa", "supported_isas",
@@ -146,12 +147,14 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                   positions: torch.Tensor | None = None, isa: str | None = None) -> None:
     """RoPE on q [T, Hq, D] and k [T, Hkv, D] in place, then k and v [T, Hkv, D] into k_cache /
-    v_cache [S, Hkv, D] at slot_mapping [T] int64 (-1: not written).
+    v_cache [S, Hkv, R] at slot_mapping [T] int64 (-1: not written), in the cache's format
+    (kernels/kv_cache.py: fp32 / fp16, or int8 rows with their scale, R = D + 2).
 
     cos/sin: [T, D] (or llama.py's [T, 1, D]) rows per token, or with `positions` [T] int64 the
     whole [max_positions, D] tables (no per-step gather). q, k, v may be strided views (of the
     qkv projection's output) as long as their last dim is contiguous."""
-    if _rope_kv_write is not None and q.dtype is torch.float32 and k_cache.dtype in (torch.float32, torch.float16):
+    if (_rope_kv_write is not None and q.dtype is torch.float32
+            and k_cache.dtype in (torch.float32, torch.float16, torch.int8)):
         if cos.dim() == 3:
             cos, sin = cos.reshape(cos.shape[0], cos.shape[-1]), sin.reshape(sin.shape[0], sin.shape[-1])
         _rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, _isa(isa))
@@ -182,7 +185,8 @@ def silu_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_kv_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, positions=None) -> None:
-    """llama.py's apply_rotary (x * cos + rotate_half(x) * sin) on q and k, then index_copy_."""
+    """llama.py's apply_rotary (x * cos + rotate_half(x) * sin) on q and k, then the rows
+    written in the cache's format (kv_cache.write_rows)."""
     if positions is not None:
         cos, sin = cos[positions], sin[positions]
     cos = cos.reshape(q.shape[0], 1, q.shape[-1]).to(q.dtype)
@@ -191,9 +195,7 @@ def rope_kv_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, posit
     for x in (q, k):
         x.copy_(x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
     keep = slot_mapping >= 0
-    if bool(keep.all()):
-        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-    else:
-        k_cache.index_copy_(0, slot_mapping[keep], k[keep].to(k_cache.dtype))
-        v_cache.index_copy_(0, slot_mapping[keep], v[keep].to(v_cache.dtype))
+    if not bool(keep.all()):
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    write_rows(k_cache, slot_mapping, k)
+    write_rows(v_cache, slot_mapping, v)

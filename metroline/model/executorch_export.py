@@ -299,7 +299,7 @@ def compare(runner: PteRunner, reference, seqs: list[list[int]], attention: str 
 
     same, kl, n, worst = 0, 0.0, 0, 0.0
     for ids in seqs:
-        p, q = logits_of(reference, ids, attention), runner.logprobs(ids)
+        p, q = logits_of(reference, ids, attention=attention), runner.logprobs(ids)
         same += int((p.argmax(-1) == q.argmax(-1)).sum())
         kl += float((p.exp() * (p - q)).sum())
         worst = max(worst, float((p - q).abs().max()))

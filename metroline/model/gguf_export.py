@@ -8,9 +8,19 @@ Everything but the tensors is carried over as it was (architecture and hyperpara
 tokenizer, chat template), with general.file_type set to the new format. Matrices (2-D,
 rows a multiple of 32) take the target format; a tensor already in it is copied byte for
 byte, so exporting to the format a file already has gives the same file contents and the
-same outputs. 1-D tensors (norms, biases) stay F32. For a 4-bit target the token embedding
-and the output projection stay in Q8_0, as llama.cpp's own quantizer keeps them above the
-rest (they are the tensors a 4-bit error hurts most).
+same outputs. 1-D tensors (norms, biases) stay F32. For a 4-bit or ternary target the token
+embedding and the output projection stay in Q8_0, as llama.cpp's own quantizer keeps them
+above the rest (they are the tensors a 4-bit error hurts most).
+
+`ternary` writes GGUF's TQ2_0 (metroline's absmean quantizer, metroline.quant.formats); a
+matrix whose rows are not a multiple of 256 is written Q4_0, as llama.cpp's quantizer does.
+int4-g32 / int4-g32-asym are Q4_0 / Q4_1; int8 (per-row scales) and int4 with groups of 64 or
+128 have no GGUF type: asking for them is a one-line error.
+
+With `importance` (metroline.quant.calibrate: per decoder-layer matrix, the mean x^2 of
+each input channel), those matrices are quantized importance-weighted
+(metroline.quant.quantizers.quantize_weighted) instead of to nearest; the bytes are the same
+GGUF block formats. A tensor already in the target is still copied as stored.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ import numpy as np
 from metroline.errors import MetrolineError
 from metroline.progress import progress as progress_bar
 
-FORMATS = ("q8_0", "q4_0", "q4_1", "f16", "f32")
+FORMATS = ("q8_0", "q4_0", "q4_1", "ternary", "f16", "f32")
+ALIASES = {"int4-g32": "q4_0", "int4-g32-asym": "q4_1"}
+NO_GGUF_TYPE = ("int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym")  # packed-only formats
 _KEEP_HIGH = ("token_embd.weight", "output.weight")
 
 
@@ -34,14 +46,14 @@ class ExportError(MetrolineError):
 def _qtype(fmt: str):
     from gguf import GGMLQuantizationType as Q
 
-    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16, "f32": Q.F32}[fmt]
+    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "ternary": Q.TQ2_0, "f16": Q.F16, "f32": Q.F32}[fmt]
 
 
 def _file_type(fmt: str):
     from gguf import LlamaFileType as F
 
-    return {"q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "f16": F.MOSTLY_F16,
-            "f32": F.ALL_F32}[fmt]
+    return {"q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "ternary": F.MOSTLY_TQ2_0,
+            "f16": F.MOSTLY_F16, "f32": F.ALL_F32}[fmt]
 
 
 def tensor_target(name: str, shape: tuple[int, ...], fmt: str):
@@ -51,40 +63,62 @@ def tensor_target(name: str, shape: tuple[int, ...], fmt: str):
     target = _qtype(fmt)
     if len(shape) < 2 or (target not in (Q.F16, Q.F32) and shape[0] % 32):
         return Q.F32
-    if fmt in ("q4_0", "q4_1") and name in _KEEP_HIGH:
+    if fmt in ("q4_0", "q4_1", "ternary") and name in _KEEP_HIGH:
         return Q.Q8_0
+    if target == Q.TQ2_0 and shape[0] % 256:
+        return Q.Q4_0
     return target
 
 
-def _convert(t, target) -> np.ndarray:
+def _convert(t, target, importance=None) -> np.ndarray:
     """Tensor `t` (GGUFTensor) as `target`: its stored bytes when it already is, else
     dequantized to fp32 and quantized (rows in GGUF order)."""
     from gguf import GGMLQuantizationType as Q
 
-    from metroline.model.loader import dequantize_gguf_tensor
+    from metroline.model.loader import dequantize_gguf_tensor, gguf_name_to_hf
 
     if t.tensor_type == target:  # the stored bytes, shaped as the writer reads them
         shape = tuple(int(d) for d in reversed(t.shape))
         if target in (Q.F32, Q.F16):
             return np.array(t.data, copy=True).view(np.float32 if target == Q.F32 else np.float16).reshape(shape)
         return np.array(t.data, copy=True).reshape(*shape[:-1], -1)
-    return _encode(dequantize_gguf_tensor(t), target)  # (rows, cols) fp32 -> target
+    # (rows, cols) fp32 -> target; q/k rows stay in the file's order (importance is per column).
+    imp = _importance_of(importance, gguf_name_to_hf(t.name)) if target not in (Q.F32, Q.F16) else None
+    return _encode(dequantize_gguf_tensor(t), target, imp)
 
 
-def _encode(x: np.ndarray, target) -> np.ndarray:
-    """fp32 rows (PyTorch order) in `target`: as they are, fp16, or quantized per block."""
+def _importance_of(importance: dict | None, hf_name: str) -> np.ndarray | None:
+    """The importance vector of a checkpoint matrix (None without calibration, or for a
+    matrix outside the decoder layers); a decoder-layer matrix must have one."""
+    if importance is None:
+        return None
+    from metroline.model.loader import _fused_name
+
+    key = _fused_name(hf_name)
+    if key not in importance and key.startswith("model.layers.") and ".weight" in key:
+        raise ExportError(f"the importance has no entry for {key}: was it collected on another model?")
+    return importance.get(key)
+
+
+def _encode(x: np.ndarray, target, importance: np.ndarray | None = None) -> np.ndarray:
+    """fp32 rows (PyTorch order) in `target`: as they are, fp16, or quantized per block
+    (importance-weighted when `importance` is given)."""
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
+
+    from metroline.quant.quantizers import quantize_weighted
 
     if target == Q.F32:
         return x
     if target == Q.F16:
         return x.astype(np.float16)
-    return quantize(np.ascontiguousarray(x), target)
+    return quantize_weighted(x, target, importance)
 
 
 def _format(fmt: str) -> str:
-    fmt = fmt.lower()
+    fmt = ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt in NO_GGUF_TYPE:
+        raise ExportError(f"{fmt} has no GGUF type (it is a packed format for --weights only); GGUF export "
+                          f"writes {', '.join(FORMATS)} (int4-g32 = q4_0, int4-g32-asym = q4_1)")
     if fmt not in FORMATS:
         raise ExportError(f"--to must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return fmt
@@ -105,8 +139,9 @@ def _write(writer, out: str, fmt: str, tensors, total: int, progress: bool) -> d
     return {"output": out, "format": fmt, "tensors": counts, "bytes": os.path.getsize(out)}
 
 
-def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
-    """Write `src` (a GGUF file) re-quantized to `fmt` at `out`; returns what was written."""
+def export_gguf(src: str, out: str, fmt: str, progress: bool = True, importance: dict | None = None) -> dict:
+    """Write `src` (a GGUF file) re-quantized to `fmt` at `out`; returns what was written.
+    `importance`: see the module's docstring."""
     from gguf import GGUFValueType, GGUFWriter
 
     from metroline.model.gguf_meta import open_gguf
@@ -125,7 +160,7 @@ def export_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
         vtype, etype = reader.metadata_types[key]
         writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None else None)
     writer.add_file_type(int(_file_type(fmt)))
-    tensors = ((t.name, _convert(t, target), target)
+    tensors = ((t.name, _convert(t, target, importance), target)
                for t in reader.tensors for target in [tensor_target(t.name, t.shape, fmt)])
     return _write(writer, out, fmt, tensors, len(reader.tensors), progress)
 
@@ -172,7 +207,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
                       "byte-level BPE with the GPT-2 split or a split metroline knows)")
 
 
-def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
+def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True, importance: dict | None = None) -> dict:
     """Write a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of a supported
     architecture as a GGUF in `fmt`: llama.cpp's tensor names and q/k row order, its
     hyperparameter keys, the byte-level BPE tokenizer (tokens, types, merges) and the chat
@@ -180,6 +215,7 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
     import json
 
     import torch
+    from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
 
     from metroline.model.loader import _count_safetensors, hf_to_config, iter_safetensors_weights
@@ -248,6 +284,7 @@ def export_hf_gguf(src: str, out: str, fmt: str, progress: bool = True) -> dict:
             elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
                 x = _permute(x, cfg.num_key_value_heads)
             target = tensor_target(g, tuple(reversed(x.shape)), fmt)
-            yield g, _encode(x, target), target
+            quantized = target not in (Q.F32, Q.F16)
+            yield g, _encode(x, target, _importance_of(importance, name) if quantized else None), target
 
     return _write(w, out, fmt, tensors(), _count_safetensors(src), progress)

@@ -23,7 +23,8 @@ from metroline.model.llama import _FUSED, LlamaConfig, LlamaForCausalLM
 from metroline.platform import (PACKED_TARGETS, huge_page_buffer, release_free_memory, resolve_device, resolve_dtype,
                                 resolve_weights)
 from metroline.progress import progress
-from metroline.quant.packed import PACKABLE, PackedLinear, RawWeight, place_packed_weights, swap_in_packed_layers
+from metroline.quant.packed import (EMBEDDABLE, PACKABLE, PackedLinear, RawWeight, place_packed_weights,
+                                    swap_in_packed_layers)
 
 SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2")
 SUPPORTED_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -295,6 +296,7 @@ class LoadedModel:
     file_bytes: int
     weights: str = "fp32"  # how they are held: "packed (...)", "fp32", "bf16"
     weight_bytes: int = 0  # bytes of weights a decode step reads (all but the embedding)
+    chosen_by: str = ""  # why --weights auto held them so, when a measurement decided
 
 
 def load_tokenizer_from_gguf(path: str | os.PathLike):
@@ -306,21 +308,37 @@ def load_tokenizer_from_gguf(path: str | os.PathLike):
 
 def load_model(model: str | None = None, dtype: str = "auto", device: str = "auto",
                max_model_len: int | None = None, show_progress: bool = True,
-               weights: str = "auto") -> LoadedModel:
+               weights: str = "auto", quant_method: str = "rtn", imatrix: str | None = None) -> LoadedModel:
+    """quant_method: how weights quantized at load are rounded: "rtn" (to nearest, as
+    llama.cpp's reference quantizer) or "imatrix" (importance-weighted, metroline.quant.
+    calibrate; the importance read from `imatrix` when that file exists, else the cache,
+    else measured on the fp32 model and cached, and written to `imatrix` when given)."""
     from metroline.tokenizer import Tokenizer
 
     import metroline.kernels as kernels
 
     source = resolve_model_source(model)
     dev = resolve_device(device)
+    chosen_by = ""
     try:
         held = resolve_weights(weights, dev, source.kind, kernels.available())
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+    if weights == "auto" and dev.type == "cpu" and kernels.available():
+        from metroline.quant.choose import recorded_choice
+
+        measured = recorded_choice(source.path)  # `metroline eval formats` ran on this file here
+        if measured is not None:
+            held = measured.choice
+            chosen_by = (f"auto: {held}, the fastest within +{measured.bound:.0%} perplexity "
+                         f"(measured {measured.measured_at})")
+    _check_quant_method(quant_method, imatrix, held, source.kind)
     if held in ("bf16", "fp16") and dtype == "auto":
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[held]
     torch_dtype = resolve_dtype(dtype, dev)
     stored: dict[str, int] = {}  # weight name (fused: "<module>.weight:<shard>") -> GGUF type
+    kept: set[str] = set()  # matrices already in the format they are quantized to at load
+    importance = None  # per matrix, under --quant-method imatrix (quant.calibrate)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         meta = read_gguf_metadata(reader)
@@ -340,14 +358,11 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         if held == "packed":
             stored = {_fused_name(gguf_name_to_hf(t.name)): int(t.tensor_type)
                       for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
-        raw_names = {n for n, ty in stored.items() if ty in PACKABLE}
+        raw_names = {n for n, ty in stored.items()
+                     if ty in (EMBEDDABLE if n == "model.embed_tokens.weight" else PACKABLE)}
         weights = lambda bar: iter_gguf_weights(reader, config, bar, raw_names)  # noqa: E731
-        if held in PACKED_TARGETS:  # matrices already in the target kept as stored, others quantized
-            target = int(_ggml_type(held))
-            kept = {n for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2
-                    for n in [_fused_name(gguf_name_to_hf(t.name))]
-                    if int(t.tensor_type) == (int(_ggml_type("q8_0")) if n in _KEEP_HIGH else target)}
-            weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
+        file_types = {_fused_name(gguf_name_to_hf(t.name)): int(t.tensor_type)
+                      for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2}
         file_bytes = os.path.getsize(source.path)
     else:
         cfg_path = os.path.join(source.path, "config.json")
@@ -373,14 +388,22 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         # Quantized at load: each matrix to the target format (packed: Q8_0 for a safetensors
         # checkpoint, int8 with one fp16 scale per 32 weights of a row), then computed on by
         # the same packed kernels. Matrices already in the format pass as stored.
-        target = int(_ggml_type(held if held in PACKED_TARGETS else "q8_0"))
-        # Under a 4-bit target the embedding and the output projection stay in Q8_0, as
-        # llama.cpp's own quantizer keeps them (the tensors a 4-bit error hurts most).
-        high = int(_ggml_type("q8_0"))
-        stored = {n: high if n in _KEEP_HIGH else target for n in _matrix_names(net, config)}
+        # Under a lower-bit target the embedding and the output projection stay in Q8_0, as
+        # llama.cpp's own quantizer keeps them (the tensors a 4-bit error hurts most); a matrix
+        # whose K is not a multiple of the target's group takes its fallback (quant.formats).
+        stored = _targets(net, config, held if held in PACKED_TARGETS else "q8_0")
         raw_names = set(stored)
         src_weights = weights
-        weights = lambda bar: _quantized(src_weights(bar), stored)  # noqa: E731
+        if source.kind == "gguf":  # matrices already in their target kept as stored, others quantized
+            kept = {n for n, ty in file_types.items() if stored.get(n) == ty}
+            src_weights = lambda bar: iter_gguf_weights(reader, config, bar, kept)  # noqa: E731
+        if quant_method == "imatrix" and any(n.startswith("model.layers.") and n not in kept for n in stored):
+            # (not when every decoder matrix is kept as stored: nothing would use it)
+            from metroline.quant.calibrate import check_importance
+
+            importance = importance_of(model, imatrix, device=device, progress=show_progress)
+            check_importance(importance, stored)
+        weights = lambda bar: _quantized(src_weights(bar), stored, importance)  # noqa: E731
         held = "packed"
     if stored:  # the transform: packed layers in place of nn.Linear, before any fp32 copy exists
         swapped = swap_in_packed_layers(
@@ -408,44 +431,91 @@ def load_model(model: str | None = None, dtype: str = "auto", device: str = "aut
         place_packed_weights(net, huge_page_buffer)
         release_free_memory()
     net.eval().requires_grad_(False)
-    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes,
-                       _describe_weights(net, held), _decode_weight_bytes(net))
+    described = _describe_weights(net, held) + (", imatrix-calibrated" if importance is not None else "")
+    return LoadedModel(net, tokenizer, config, source, weight_format, file_bytes, described,
+                       _decode_weight_bytes(net), chosen_by)
 
 
-def _matrix_names(net, config) -> list[str]:
+def importance_of(model: str | None, imatrix: str | None = None, *, device: str = "auto",
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """--quant-method imatrix's importance for `model` (metroline.quant.calibrate.importance_for:
+    the file `imatrix`, the cache, or measured on the model loaded in fp32)."""
+    from metroline.quant.calibrate import importance_for
+
+    return importance_for(resolve_model_source(model),
+                          lambda: load_model(model, weights="fp32", dtype="float32", device=device,
+                                             show_progress=progress),
+                          path=imatrix, progress=progress)
+
+
+def _check_quant_method(method: str, imatrix: str | None, held: str, source_kind: str) -> None:
+    """Calibration applies to weights quantized at load (one line when asked for others)."""
+    from metroline.quant.calibrate import QUANT_METHODS
+
+    if method not in QUANT_METHODS:
+        raise ModelLoadError(f"unknown quantization method {method!r} (choose from {', '.join(QUANT_METHODS)})")
+    if imatrix is not None and method != "imatrix":
+        raise ModelLoadError("--imatrix FILE goes with --quant-method imatrix")
+    if method == "imatrix" and not (held in PACKED_TARGETS or (held == "packed" and source_kind != "gguf")):
+        raise ModelLoadError(f"--quant-method imatrix calibrates weights quantized at load (--weights "
+                             f"{', '.join(PACKED_TARGETS)}), not {held} weights"
+                             + (" (a GGUF's own packed weights are kept as stored)" if held == "packed" else ""))
+
+
+def _matrix_names(net, config) -> dict[str, int]:
     """The checkpoint-side names (fused layers by shard) of every matrix a packed layer can
-    hold: K a multiple of 32."""
-    names = []
+    hold (K a multiple of 32), with their K."""
+    names = {}
     for name, mod in net.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.in_features % 32 == 0:
             shards = getattr(mod, "shard_offsets", None)
-            names += [f"{name}.weight:{s}" for s in shards] if shards else [f"{name}.weight"]
+            for n in ([f"{name}.weight:{s}" for s in shards] if shards else [f"{name}.weight"]):
+                names[n] = mod.in_features
         elif isinstance(mod, torch.nn.Embedding) and mod.embedding_dim % 32 == 0:
-            names.append(f"{name}.weight")
+            names[f"{name}.weight"] = mod.embedding_dim
     return names
 
 
 def _ggml_type(fmt: str):
-    from gguf import GGMLQuantizationType as Q
+    """The packed format (kernels.Fmt: a GGML type number, or metroline's own from 100 on) a
+    --weights target stands for."""
+    from metroline.quant.formats import target_format
 
-    return {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[fmt]
+    return target_format(fmt)
 
 
 _KEEP_HIGH = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def _quantized(weights, targets: dict[str, int]):
-    """fp32 matrices named in `targets` quantized to their type (round to nearest, per
-    32-weight block, as llama.cpp does); RawWeights already stored pass as they are."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+def _targets(net, config, held: str) -> dict[str, int]:
+    """Per matrix the format it is quantized into under the target `held`."""
+    from metroline.quant.formats import format_for
+
+    target, high = _ggml_type(held), _ggml_type("q8_0")
+    out = {}
+    for n, k in _matrix_names(net, config).items():
+        fmt = high if n in _KEEP_HIGH else format_for(target, k)
+        if fmt is not None:
+            out[n] = int(fmt)
+    return out
+
+
+def _quantized(weights, targets: dict[str, int], importance: dict[str, np.ndarray] | None = None):
+    """fp32 matrices named in `targets` quantized to their type (round to nearest per
+    32-weight block, as llama.cpp does, or weighted by `importance` where it has the
+    matrix's name: metroline.quant.quantizers); RawWeights already stored pass as they are."""
+    from metroline.quant.quantizers import quantize_weighted
 
     for name, t in weights:
-        qtype = targets.get(_fused_name(name))
+        key = _fused_name(name)
+        qtype = targets.get(key)
         if isinstance(t, RawWeight) or qtype is None or t.dim() != 2:
             yield name, t
         else:
-            rows = quantize(t.float().numpy(), GGMLQuantizationType(qtype))
+            try:
+                rows = quantize_weighted(t.float().numpy(), qtype, (importance or {}).get(key))
+            except ValueError as e:
+                raise ModelLoadError(f"cannot quantize {name}: {e}") from None
             yield name, RawWeight(torch.from_numpy(rows), qtype, tuple(t.shape))
 
 

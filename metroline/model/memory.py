@@ -3,8 +3,11 @@
 The budget covers what the model itself holds: the weights as they will be held, plus the KV
 cache pool (the Python runtime and torch are not counted; they are the same whatever the
 model). Candidates are tried from the most faithful to the smallest: a GGUF's weights as
-stored, then q8_0, q4_1, q4_0 (quantized at load; the embedding and head stay in Q8_0 under 4
-bits); a checkpoint in 16 or 32 bits starts at q8_0. The first whose weights leave room for
+stored, then q8_0, q4_1, q4_0, int4-g64, int4-g128 (quantized at load; the embedding and head
+stay in Q8_0 under 4 bits; a matrix whose rows the larger groups do not divide takes the
+loader's fallback, metroline.quant.formats.format_for); a checkpoint in 16 or 32 bits starts at
+q8_0. Ternary is never chosen: it only suits models trained for it (their TQ2_0 GGUF is
+"as stored"). The first whose weights leave room for
 at least one sequence of the context (or of `min_kv_tokens`) wins, and the rest of the budget
 becomes the KV pool. When none fits, the error says what the smallest needs.
 """
@@ -20,7 +23,7 @@ from metroline.errors import MetrolineError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_ORDER = ("q8_0", "q4_1", "q4_0")
+_ORDER = ("q8_0", "q4_1", "q4_0", "int4-g64", "int4-g128")
 _HIGH = ("token_embd.weight", "output.weight", "model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -85,31 +88,42 @@ def _shape(cfg) -> dict:
 
 
 def weight_bytes(tensors, fmt: str | None) -> int:
-    """Bytes of the weights held in `fmt` (None: as stored). Vectors stay fp32."""
+    """Bytes of the weights held in `fmt` (None: as stored; else a --weights packed target).
+    Vectors stay fp32."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from metroline.kernels import Fmt, raw_row_bytes
+    from metroline.quant.formats import format_for, target_format
 
     total = 0.0
     for name, n, stored, row in tensors:
         if n == row or row % 32:  # a vector, or rows the packed formats cannot hold
             total += 4 * n
             continue
-        t = stored if fmt is None else ("Q8_0" if fmt != "q8_0" and name in _HIGH else fmt.upper())
-        block, size = GGML_QUANT_SIZES.get(GGMLQuantizationType.__members__.get(t), (1, 4))
-        total += size / block * n  # bytes per weight, block scales included
+        if fmt is not None:
+            f = Fmt.Q8_0 if name in _HIGH else format_for(target_format(fmt), row)
+            total += raw_row_bytes(f, row) / row * n  # bytes per weight, scales included
+            continue
+        block, size = GGML_QUANT_SIZES.get(GGMLQuantizationType.__members__.get(stored), (1, 4))
+        total += size / block * n
     return int(total)
 
 
 def plan_memory(model: str | None, budget: int, max_model_len: int | None = None, block_size: int = 16,
-                kv_bytes_per_elem: int = 2, min_kv_tokens: int | None = None) -> MemoryPlan:
+                kv_cache_dtype: str = "auto", min_kv_tokens: int | None = None) -> MemoryPlan:
+    """`kv_cache_dtype`: the --kv-cache-dtype the pool will hold (auto: fp16)."""
+    from metroline.kernels.kv_cache import KV_CACHE_DTYPES, bytes_per_row
     from metroline.model.loader import resolve_model_source
 
     source = resolve_model_source(model)
     tensors, shape = _matrices(source.path, source.kind)
-    per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * kv_bytes_per_elem
+    row = bytes_per_row(KV_CACHE_DTYPES["fp16" if kv_cache_dtype == "auto" else kv_cache_dtype], shape["head_dim"])
+    per_token = 2 * shape["layers"] * shape["kv_heads"] * row
     need_tokens = min_kv_tokens or min(max_model_len or shape["context"], shape["context"])
     need_kv = -(-need_tokens // block_size) * block_size * per_token
     stored_kinds = {t for _, n, t, row in tensors if n != row}
-    candidates = ([("packed", None)] if source.kind == "gguf" and stored_kinds <= {"Q8_0", "Q4_0", "Q4_1"} else [])
+    candidates = ([("packed", None)]
+                  if source.kind == "gguf" and stored_kinds <= {"Q8_0", "Q4_0", "Q4_1", "TQ2_0"} else [])
     candidates += [(f, f) for f in _ORDER]
     tried = []
     for weights, fmt in candidates:

@@ -1,6 +1,6 @@
 """Weight formats as layers, and the transform that swaps them into a model (see packed.py)."""
 
-from metroline.quant.packed import (PACKABLE, PackedEmbedding, PackedLinear, RawWeight,
+from metroline.quant.packed import (EMBEDDABLE, PACKABLE, PackedEmbedding, PackedLinear, RawWeight,
                                     swap_in_packed_layers)
 
-__all__ = ["PACKABLE", "PackedEmbedding", "PackedLinear", "RawWeight", "swap_in_packed_layers"]
+__all__ = ["EMBEDDABLE", "PACKABLE", "PackedEmbedding", "PackedLinear", "RawWeight", "swap_in_packed_layers"]

@@ -49,23 +49,33 @@ def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, coun
 
 
 @torch.inference_mode()
-def logits_of(loaded, ids: list[int], attention: str = "auto") -> torch.Tensor:
+def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto", attention: str = "auto") -> torch.Tensor:
     """[len(ids) - 1, vocab] float64 log-probabilities of each next token, teacher-forced
     through the engine's own attention backend (`attention`: "auto", "cpu" or "torch", as
-    metroline.platform.resolve_attention_backend takes it) and paged KV cache."""
+    metroline.platform.resolve_attention_backend takes it) and paged KV cache (in
+    `kv_cache_dtype`, one of config.KV_CACHE_DTYPE_CHOICES: every query reads its keys back
+    from the cache)."""
+    hidden = hidden_states(loaded, ids, kv_cache_dtype, attention)
+    return torch.log_softmax(loaded.model.compute_logits(hidden[:-1]).double(), -1).cpu()
+
+
+@torch.inference_mode()
+def hidden_states(loaded, ids: list[int], kv_cache_dtype: str = "auto", attention: str = "auto") -> torch.Tensor:
+    """[len(ids), hidden] final hidden states of one sequence (one prefill through the
+    engine's attention backend and a paged KV cache of its own, in `kv_cache_dtype`)."""
     from metroline.attention.backend import SeqInfo, get_attention_backend
-    from metroline.platform import resolve_attention_backend
+    from metroline.platform import resolve_attention_backend, resolve_kv_cache_dtype
 
     model = loaded.model
     cfg, p = loaded.config, next(model.parameters())
-    backend = get_attention_backend(resolve_attention_backend(attention, p.device))
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+    backend = get_attention_backend(resolve_attention_backend(attention, p.device, kv_dtype), kv_dtype)
     bs = 16
     nblocks = -(-len(ids) // bs)
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
-                                   cfg.head_dim, backend.kv_cache_dtype or p.dtype, p.device)
+                                   cfg.head_dim, p.dtype, p.device)
     meta = backend.build_metadata([SeqInfo(len(ids), 0, list(range(nblocks)))], bs, p.device)
-    hidden = model(torch.tensor(ids, device=p.device), torch.arange(len(ids), device=p.device), backend, meta, kv)
-    return torch.log_softmax(model.compute_logits(hidden[:-1]).double(), -1).cpu()
+    return model(torch.tensor(ids, device=p.device), torch.arange(len(ids), device=p.device), backend, meta, kv)
 
 
 @dataclass
@@ -74,11 +84,11 @@ class Perplexity:
     tokens_scored: int
 
 
-def perplexity(loaded, seqs: list[list[int]], progress: bool = False) -> Perplexity:
+def perplexity(loaded, seqs: list[list[int]], progress: bool = False, kv_cache_dtype: str = "auto") -> Perplexity:
     total, n = 0.0, 0
     with progress_bar(len(seqs), "perplexity", progress, unit="seq") as bar:
         for ids in seqs:
-            logp = logits_of(loaded, ids)
+            logp = logits_of(loaded, ids, kv_cache_dtype)
             target = torch.tensor(ids[1:])
             total -= logp.gather(1, target.unsqueeze(1)).sum().item()
             n += len(ids) - 1
@@ -93,13 +103,49 @@ class Agreement:
     positions: int
 
 
-def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False) -> Agreement:
+def agreement(reference, loaded, seqs: list[list[int]], progress: bool = False, kv_cache_dtype: str = "auto",
+              reference_kv_cache_dtype: str = "auto") -> Agreement:
+    """`reference` may be `loaded` itself, with another KV cache format."""
     same, kl, n = 0, 0.0, 0
     with progress_bar(len(seqs), "agreement", progress, unit="seq") as bar:
         for ids in seqs:
-            p, q = logits_of(reference, ids), logits_of(loaded, ids)
+            p = logits_of(reference, ids, reference_kv_cache_dtype)
+            q = logits_of(loaded, ids, kv_cache_dtype)
             same += int((p.argmax(-1) == q.argmax(-1)).sum())
             kl += float((p.exp() * (p - q)).sum())
             n += p.shape[0]
             bar.update(1)
     return Agreement(same / n, kl / n, n)
+
+
+@torch.inference_mode()
+def decode_tok_s(loaded, steps: int = 48, prompt: int = 32, rounds: int = 3) -> float:
+    """Greedy decode speed at batch 1 of the model's own paged forward + lm_head (no engine, no
+    sampler): the median over `rounds` of `steps` steps after a `prompt`-token prefill."""
+    import statistics
+    import time
+
+    from metroline.attention.backend import SeqInfo, get_attention_backend
+    from metroline.platform import resolve_attention_backend
+
+    model = loaded.model
+    cfg, p = loaded.config, next(model.parameters())
+    backend = get_attention_backend(resolve_attention_backend("auto", p.device))
+    bs = 16
+    nblocks = -(-(prompt + steps) // bs)
+    kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
+                                   cfg.head_dim, p.dtype, p.device)
+    blocks = list(range(nblocks))
+    rates = []
+    for _ in range(rounds):
+        ids = [(31 * i + 7) % cfg.vocab_size for i in range(prompt)]
+        meta = backend.build_metadata([SeqInfo(prompt, 0, blocks)], bs, p.device)
+        hidden = model(torch.tensor(ids, device=p.device), torch.arange(prompt, device=p.device), backend, meta, kv)
+        tok = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        t = time.perf_counter()
+        for pos in range(prompt, prompt + steps):
+            meta = backend.build_metadata([SeqInfo(1, pos, blocks)], bs, p.device)
+            hidden = model(torch.tensor([tok], device=p.device), torch.tensor([pos], device=p.device), backend, meta, kv)
+            tok = int(model.compute_logits(hidden).argmax(-1))
+        rates.append(steps / (time.perf_counter() - t))
+    return statistics.median(rates)

@@ -1,8 +1,8 @@
 """Linear layers (and an embedding) that keep GGUF's quantized bytes and compute on them.
 
-A GGUF Q8_0 / Q4_0 / Q4_1 matrix is read from the file as raw rows and repacked once into the
-kernels' layout (metroline.kernels): a decode step then reads ~4.5-8.5 bits per weight instead
-of fp32's 32. `swap_in_packed_layers` is the transform: given which checkpoint matrices are
+A GGUF Q8_0 / Q4_0 / Q4_1 / TQ2_0 matrix (or one quantized at load into any packed format,
+metroline.quant.formats) is read as raw rows and repacked once into the kernels' layout
+(metroline.kernels): a decode step then reads ~2-8.5 bits per weight instead of fp32's 32. `swap_in_packed_layers` is the transform: given which checkpoint matrices are
 stored in which format, it replaces the model's nn.Linear layers (fused ones included: q/k/v,
 gate/up) by PackedLinear before the weights are loaded, so the fp32 copy is never made.
 This module knows nothing of the model's classes: fused layers are recognised by their
@@ -21,8 +21,10 @@ import metroline.kernels as kernels
 _qmatmul_op = torch.ops.metroline.qmatmul.default if kernels.available() else None
 _embed_rows_op = kernels.embed_rows_op()
 
-# GGUF type numbers (gguf.GGMLQuantizationType) the packed kernels compute on.
+# Formats the packed kernels compute on (GGUF type numbers, metroline's own from 100 on).
 PACKABLE = {int(f): f for f in kernels.Fmt}
+# Formats an embedding table can be looked up from (embed_rows reads GGUF's 32-blocks).
+EMBEDDABLE = {int(f): f for f in (kernels.Q8_0, kernels.Q4_0, kernels.Q4_1)}
 
 
 @dataclass
@@ -181,11 +183,13 @@ def swap_in_packed_layers(model: nn.Module, stored: dict[str, int], tied_embeddi
             types = {stored.get(k) for k in keys}
             if len(types) != 1 or next(iter(types)) not in PACKABLE:
                 continue
+            if name == tied_output and tied_embedding is not None and next(iter(types)) not in EMBEDDABLE:
+                continue  # the table itself stays dense: its bytes cannot serve the head
             new = PackedLinear(mod.in_features, mod.out_features, next(iter(types)),
                                bias=mod.bias is not None, shard_offsets=shards)
         elif isinstance(mod, nn.Embedding):
             fmt = stored.get(f"{name}.weight")
-            if fmt not in PACKABLE:
+            if fmt not in EMBEDDABLE:
                 continue
             new = PackedEmbedding(mod.num_embeddings, mod.embedding_dim, fmt)
         else:

@@ -36,6 +36,14 @@ def test_generate_default_model_greedy_matches_engine(default_llm):
     assert "Paris" in proc.stdout
 
 
+def test_generate_with_an_int8_kv_cache():
+    proc = _run(["generate", "The capital of France is", "--max-tokens", "8", "--kv-cache-dtype", "int8"])
+    assert proc.returncode == 0, proc.stderr
+    assert "MiB int8" in proc.stderr and "Paris" in proc.stdout
+    bad = _run(["generate", "hi", "--kv-cache-dtype", "int4"])  # argparse: usage, then the error line
+    assert bad.returncode == 2 and "argument --kv-cache-dtype: invalid choice: 'int4'" in bad.stderr.splitlines()[-1]
+
+
 def test_chat_keeps_the_conversation(default_llm, monkeypatch, capsys):
     import io
 

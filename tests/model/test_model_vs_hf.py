@@ -93,8 +93,12 @@ def paged_logits(loaded, ids: list[int], chunks: list[int] | None = None, block_
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
                                    cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
     for k, v in kv:  # a slot read before it is written poisons the output
-        k.fill_(float("nan"))
-        v.fill_(float("nan"))
+        if k.dtype == torch.int8:  # bytes 0x7e: every row's fp16 scale is a NaN
+            k.fill_(0x7E)
+            v.fill_(0x7E)
+        else:
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
     out, start = [], 0
     for n in chunks:
         meta = backend.build_metadata([SeqInfo(n, start, block_ids)], block_size, p.device)

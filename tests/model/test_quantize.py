@@ -172,7 +172,8 @@ def test_weights_quantized_at_load_equal_the_exported_file(exported):
 
 def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
     """--max-memory: the most faithful format that leaves room for one sequence of the
-    context, the rest as KV; q4_0 when only that fits; a one-line refusal saying what would."""
+    context, the rest as KV; q4_0 when only that fits; a one-line refusal saying what would
+    (naming the smallest candidate, int4-g128)."""
     from metroline.cli import main
     from metroline.model.memory import MemoryBudgetError, parse_size, plan_memory
 
@@ -188,9 +189,54 @@ def test_max_memory_plans_weights_and_kv_or_refuses(capsys):
     assert small.weights == "packed" and small.kv_tokens >= 2048
     tight = plan_memory(None, 96_000_000 + 2048 * per_token, max_model_len=2048)
     assert tight.weights == "q4_0"  # as stored (96.6 MB) no longer leaves room: 4-bit Q4_0
-    with pytest.raises(MemoryBudgetError, match="give at least 279 MB"):
-        plan_memory(None, parse_size("200MB"))
+    with pytest.raises(MemoryBudgetError, match=r"smallest format \(int4-g128\) .* give at least 275 MB"):
+        plan_memory(None, parse_size("200MB"))  # int4-g128 (g64 / q4_0 where 128 does not divide K): 86 MB
+    # An int8 KV cache: 66 bytes per head row against 128, so the same budget plans 1.94x the tokens,
+    # and 200 MB (too small with fp16 KV for one 8192-token sequence) now fits.
+    p8 = plan_memory(None, parse_size("300MB"), kv_cache_dtype="int8")
+    assert p8.weights == p.weights and abs(p8.kv_tokens / p.kv_tokens - 128 / 66) < 0.01
+    assert plan_memory(None, parse_size("200MB"), kv_cache_dtype="int8").kv_tokens >= 8192
     assert main(["generate", "hi", "--max-memory", "50MB"]) == 2
     assert "give at least" in capsys.readouterr().err
     assert main(["generate", "Hello", "--max-memory", "200MB", "--max-model-len", "1024", "--max-tokens", "3"]) == 0
     assert "--max-memory: weights packed" in capsys.readouterr().err
+
+
+def test_ternary_export_is_tq2_0_that_metroline_and_llama_cpp_load(tmp_path):
+    """--to ternary writes GGUF TQ2_0 (absmean per 256, matrices whose rows are not a multiple
+    of 256 in Q4_0, the embedding in Q8_0): metroline loads it packed with the same values
+    gguf.quants dequantizes, and llama.cpp's llama-bench runs it when its binaries are here."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    from metroline.model.gguf_export import export_gguf
+    from metroline.model.loader import load_model
+    from metroline.quant.packed import PackedLinear
+
+    out = str(tmp_path / "smol-ternary.gguf")
+    info = export_gguf(default_model_path(), out, "ternary", progress=False)
+    f = open_gguf(out)
+    types = {t.name: t.tensor_type for t in f.tensors}
+    assert types["blk.0.ffn_down.weight"] == Q.TQ2_0 and types["blk.0.ffn_up.weight"] == Q.Q4_0
+    assert types["token_embd.weight"] == Q.Q8_0 and info["tensors"]["TQ2_0"] == 30
+    down = next(t for t in f.tensors if t.name == "blk.3.ffn_down.weight")
+    rows = np.asarray(down.data).view(np.uint8).reshape(int(down.shape[1]), -1)
+    d = rows[:, 64:66].copy().view(np.float16).astype(np.float32)  # the first block's scale
+    src = next(t for t in open_gguf(default_model_path()).tensors if t.name == down.name)
+    w = dequantize(np.asarray(src.data).view(np.uint8).reshape(rows.shape[0], -1), src.tensor_type)
+    absmean = np.abs(w.reshape(rows.shape[0], -1)[:, :256]).mean(1, keepdims=True)
+    assert np.allclose(d, absmean.astype(np.float16).astype(np.float32), rtol=2e-3)  # BitNet's absmean
+    loaded = load_model(out, show_progress=False, weights="packed")
+    layer = loaded.model.model.layers[3].mlp.down_proj
+    assert isinstance(layer, PackedLinear) and layer.fmt == int(Q.TQ2_0)
+    ref = dequantize(rows, Q.TQ2_0).reshape(rows.shape[0], -1)
+    assert torch.equal(layer.dequantized(), torch.from_numpy(ref))
+    assert set(np.unique(np.rint(ref[:, :256] / np.where(d == 0, 1, d)))) <= {-1.0, 0.0, 1.0}
+    exe = os.path.join(PEERS, "llama-bench")
+    if not os.path.exists(exe):
+        pytest.skip("llama.cpp binaries not here")
+    r = subprocess.run([exe, "-m", out, "-p", "8", "-n", "4", "-t", "1", "-r", "1", "-o", "json"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"n_gen":4' in r.stdout.replace(" ", "")

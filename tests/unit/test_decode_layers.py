@@ -41,10 +41,10 @@ def with_threads(n, fn):
         torch.set_num_threads(old)
 
 
-def caches_after(loaded, ids, chunks, block_size=16):
+def caches_after(loaded, ids, chunks, block_size=16, kv_cache_dtype=None):
     """Logits and the KV cache left by running ids in `chunks` steps on the CPU backend."""
     model, cfg = loaded.model, loaded.config
-    backend = CpuPagedAttentionBackend()
+    backend = CpuPagedAttentionBackend(kv_cache_dtype)
     need = -(-len(ids) // block_size)
     block_ids = list(range(need, 0, -1))  # out of order: a wrong slot shows
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, need + 1, block_size, cfg.num_key_value_heads,
@@ -81,6 +81,23 @@ def test_tiny_model_every_format_isa_and_thread_count(qtype, tiny_tokenizer, tmp
             assert torch.equal(logits, ref_logits), (isa, threads)
             for (k0, v0), (k1, v1) in zip(ref_kv, kv):
                 assert torch.equal(k0, k1) and torch.equal(v0, v1), (isa, threads)
+
+
+def test_int8_kv_cache_bit_identical(tiny_tokenizer, tmp_path, monkeypatch):
+    """int8 K/V rows (written by the fused RoPE, read by attention): same logits and bytes."""
+    tok = tiny_tokenizer[1]
+    path = tmp_path / "tiny-q4_0.gguf"
+    write_tiny_gguf(path, tok, Q.Q4_0, tied=True, seed=5)
+    loaded = load_model(str(path), device="cpu", show_progress=False, weights="packed")
+    ids = _tiny_prompt(tok, 60)
+    for isa in fused.supported_isas():
+        def run():
+            with kernels.force_isa(isa):
+                return with_threads(2, lambda: caches_after(loaded, ids, [37, 1, 3, 1, 18], kv_cache_dtype=torch.int8))
+        (ref_logits, ref_kv), (logits, kv) = both_paths(monkeypatch, run)
+        assert ref_kv[0][0].dtype == torch.int8 and torch.isfinite(logits).all()
+        assert torch.equal(logits, ref_logits), isa
+        assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(ref_kv, kv)), isa
 
 
 def test_default_model_long_context_bit_identical(default_loaded, monkeypatch):

@@ -5,9 +5,11 @@ skipped with the reason. The reference is the twin: per sequence, K/V gathered b
 caches cast to fp32), then scaled_dot_product_attention with the bottom-right causal mask; the
 twin itself is checked against the engine's TorchAttentionBackend on the same cache.
 
-Tolerance: max|out - ref| <= 1e-5 * max|ref| per call, fp32 and fp16 caches alike (the kernel
-widens fp16 exactly and sums in fp32; measured 1e-7..3e-6, growing with the context). Against
-the fp32 values an fp16 cache was rounded from, the bound is fp16's: 2e-3 relative.
+Tolerance: max|out - ref| <= 1e-5 * max|ref| per call, fp32, fp16 and int8 caches alike (the
+kernel widens fp16 and int8 exactly and sums in fp32; int8 rows' scales are folded into the scores
+and the softmax weights, where the twin dequantizes the rows first; measured 1e-7..3e-6, growing
+with the context). Against the fp32 values a cache was rounded from, the bound is the format's:
+2e-3 relative for fp16, 2e-2 for int8 rows (each value within amax/254 of its row).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import metroline.kernels as K
 from metroline.attention.backend import SeqInfo, TorchAttentionBackend
 from metroline.kernels import fused
 from metroline.kernels.attention import paged_attention_decode, paged_attention_decode_torch
+from metroline.kernels.kv_cache import quantize_int8_rows
 
 ISAS = ["scalar", "avx2", "avx512"]
 HEADS = [(9, 3, 64), (4, 4, 128)]  # the default model (GQA 3:1), and MHA with a wider head
@@ -47,7 +50,10 @@ class Batch:
         num_blocks = sum(need) + 3
         self.k32 = torch.randn(num_blocks * block_size, hkv, d, generator=g)
         self.v32 = torch.randn(num_blocks * block_size, hkv, d, generator=g)
-        self.k_cache, self.v_cache = self.k32.to(dtype), self.v32.to(dtype)
+        if dtype == torch.int8:
+            self.k_cache, self.v_cache = quantize_int8_rows(self.k32), quantize_int8_rows(self.v32)
+        else:
+            self.k_cache, self.v_cache = self.k32.to(dtype), self.v32.to(dtype)
         perm = torch.randperm(num_blocks, generator=g).tolist()
         self.block_ids, at = [], 0
         for n in need:
@@ -82,7 +88,7 @@ def assert_close_rel(out, ref, rtol=RTOL):
 
 @needs_op
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
 def test_each_context_alone(isa, dtype, heads):
     _isa_or_skip(isa)
@@ -94,7 +100,7 @@ def test_each_context_alone(isa, dtype, heads):
 
 @needs_op
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
 def test_mixed_batch(isa, dtype, heads):
     """One call over sequences of mixed lengths, q_len 1..5 (speculative verification rows)."""
@@ -113,6 +119,26 @@ def test_fp16_cache_within_fp16_rounding_of_fp32_values(isa):
     out = b.run(isa)
     ref32 = b.ref(k_cache=b.k32, v_cache=b.v32)
     assert_close_rel(out, ref32, rtol=2e-3)
+
+
+@needs_op
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_cache_within_int8_rounding_of_fp32_values(isa):
+    _isa_or_skip(isa)
+    b = Batch([300, 17, 2000], [1, 4, 2], dtype=torch.int8, seed=2)
+    out = b.run(isa)
+    ref32 = b.ref(k_cache=b.k32, v_cache=b.v32)
+    assert_close_rel(out, ref32, rtol=2e-2)
+    # and not within fp16's bound: the test sees the format's loss
+    assert (out - ref32).abs().max().item() > 2e-3 * ref32.abs().max().item()
+
+
+@needs_op
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_int8_simd_agrees_with_scalar(isa):
+    _isa_or_skip(isa)
+    b = Batch([2000, 33, 1], [16, 1, 1], dtype=torch.int8, seed=3)
+    assert_close_rel(b.run(isa), b.run("scalar"))
 
 
 @needs_op
@@ -214,9 +240,13 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="q_len"):
         long_ctx = torch.tensor([40, 10 ** 5], dtype=torch.int32)
         paged_attention_decode(b.q, b.k_cache, b.v_cache, b.block_tables, long_ctx, b.query_start_loc, 0.1, 16)
-    with pytest.raises(RuntimeError, match="float16 or float32"):  # the wrapper would run the twin
+    with pytest.raises(RuntimeError, match="float16, float32 or int8"):  # the wrapper would run the twin
         torch.ops.metroline.paged_attention_decode(b.q, b.k_cache.bfloat16(), b.v_cache.bfloat16(), b.block_tables,
                                                    b.context_lens, b.query_start_loc, 0.1, 16)
+    i8 = quantize_int8_rows(b.k32)
+    with pytest.raises(RuntimeError, match="head_dim"):  # int8 rows without their scale bytes
+        paged_attention_decode(b.q, i8[..., :-2].contiguous(), i8[..., :-2].contiguous(), b.block_tables,
+                               b.context_lens, b.query_start_loc, 0.1, 16)
     with pytest.raises(RuntimeError, match="int32"):
         paged_attention_decode(b.q, b.k_cache, b.v_cache, b.block_tables.long(), b.context_lens,
                                b.query_start_loc, 0.1, 16)

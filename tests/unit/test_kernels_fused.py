@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import metroline.kernels as K
 from metroline.kernels import fused
+from metroline.kernels.kv_cache import dequantize_int8_rows, quantize_int8_rows, row_width
 from metroline.model.llama import apply_rotary
 
 ISAS = ["scalar", "avx2", "avx512"]
@@ -117,7 +118,8 @@ class Rope:
         self.slots = torch.randperm(num_slots, generator=g)[:T]
         if T > 1:
             self.slots[1] = -1  # a token whose K/V is not kept
-        sentinel = torch.full((num_slots, hkv, d), 7.0)
+        row = row_width(dtype, d)
+        sentinel = torch.full((num_slots, hkv, row), 7.0)
         self.k_cache, self.v_cache = sentinel.to(dtype), sentinel.to(dtype)
 
     def views(self, qkv):
@@ -135,13 +137,17 @@ def _rope_reference(r: Rope):
     qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)
     kc, vc = r.k_cache.clone(), r.v_cache.clone()
     keep = r.slots >= 0
-    kc[r.slots[keep]] = qk[keep][:, r.hq:].to(kc.dtype)
-    vc[r.slots[keep]] = v[keep].to(vc.dtype)
+    if kc.dtype == torch.int8:
+        kc[r.slots[keep]] = quantize_int8_rows(qk[keep][:, r.hq:])
+        vc[r.slots[keep]] = quantize_int8_rows(v[keep])
+    else:
+        kc[r.slots[keep]] = qk[keep][:, r.hq:].to(kc.dtype)
+        vc[r.slots[keep]] = v[keep].to(vc.dtype)
     return qk[:, :r.hq], qk[:, r.hq:], kc, vc
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128), (2, 1, 40)], ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
 @pytest.mark.parametrize("T", [1, 5, 300])
 @pytest.mark.parametrize("by_position", [False, True], ids=["rows", "positions"])
@@ -162,8 +168,9 @@ def test_rope_kv_write_bit_exact(isa, dtype, heads, T, by_position):
     assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # untouched slots keep the sentinel
 
 
-def test_rope_kv_write_twin_bit_exact():
-    r = Rope(7, 9, 3, 64, torch.float16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_rope_kv_write_twin_bit_exact(dtype):
+    r = Rope(7, 9, 3, 64, dtype, seed=3)
     ref_q, ref_k, ref_kc, ref_vc = _rope_reference(r)
     qkv = r.qkv.clone()
     q, k, v = r.views(qkv)
@@ -186,6 +193,32 @@ def test_fp16_conversion_edges_bit_exact():
         assert torch.equal(vc[2, 0].view(torch.int16), row.half().view(torch.int16)), isa
 
 
+def test_int8_rows_edges_bit_exact():
+    """Zero rows (scale 0), ties at .5, values at +-amax, tiny and huge rows: the C++ writer's bytes
+    equal kv_cache.quantize_int8_rows', and every value is within half a step of its row's scale d,
+    plus what the clamp at 127 d cuts off when fp16 rounded d down (d = 0 for a row below fp16's range)."""
+    d = 64
+    g = _gen(11)
+    rows = torch.stack([torch.zeros(d), torch.arange(d) - 31.5, torch.randn(d, generator=g) * 1e-6,
+                        torch.randn(d, generator=g) * 3e3, torch.full((d,), -2.0),
+                        torch.linspace(-127, 127, d) / 127 * 0.5])
+    n = rows.shape[0]
+    ref = quantize_int8_rows(rows.view(n, 1, d))
+    for isa in fused.supported_isas():
+        q, k = torch.zeros(n, 1, d), torch.zeros(n, 1, d)
+        kc, vc = torch.zeros(n, 1, d + 2, dtype=torch.int8), torch.zeros(n, 1, d + 2, dtype=torch.int8)
+        fused.rope_kv_write(q, k, rows.view(n, 1, d).clone(), torch.ones(n, d), torch.zeros(n, d), kc, vc,
+                            torch.arange(n), isa=isa)
+        assert torch.equal(vc, ref), isa
+    back = dequantize_int8_rows(ref).view(n, d)
+    scale = ref[..., -2:].contiguous().view(torch.float16).float().view(n, 1)
+    amax = rows.abs().amax(-1, keepdim=True)
+    bound = scale / 2 * (1 + 1e-3) + (amax - 127 * scale).clamp(min=0) + 1e-12
+    assert torch.all((back - rows).abs() <= bound)
+    assert torch.all(scale[[1, 3, 4, 5]] > 0) and scale[2] < 1e-7  # the 1e-6 row is below fp16's range
+    assert torch.equal(back[0], torch.zeros(d)) and ref[:, 0, :d].abs().max() <= 127
+
+
 def test_bad_arguments_raise():
     _isa_or_skip("scalar")
     r = Rope(3, 9, 3, 64, torch.float32)
@@ -195,7 +228,9 @@ def test_bad_arguments_raise():
         fused.rope_kv_write(q, k, v, cos, sin, r.k_cache, r.v_cache, torch.tensor([0, 1, 64]))
     with pytest.raises(RuntimeError, match="outside the"):
         fused.rope_kv_write(q, k, v, cos, sin, r.k_cache, r.v_cache, r.slots, positions=torch.tensor([0, 1, 3]))
-    with pytest.raises(RuntimeError, match="float16 or float32"):
+    with pytest.raises(RuntimeError, match="expected"):  # int8 rows need head_dim + 2 bytes
+        fused.rope_kv_write(q, k, v, cos, sin, r.k_cache.to(torch.int8), r.v_cache.to(torch.int8), r.slots)
+    with pytest.raises(RuntimeError, match="float16, float32 or int8"):
         torch.ops.metroline.rope_kv_write(q, k, v, cos, sin, None, r.k_cache.bfloat16(), r.v_cache.bfloat16(),
                                           r.slots)
     with pytest.raises(RuntimeError, match="weight"):
