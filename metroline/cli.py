@@ -539,19 +539,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp loads it)",
+    q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp "
+                                        "loads it), or as an ExecuTorch .pte",
                        description="Write MODEL's weights in another format as a GGUF file: matrices "
                                    "in --to (a tensor already in it is copied as is), norms in F32, "
-                                   "metadata, tokenizer and chat template carried over.")
+                                   "metadata, tokenizer and chat template carried over. --to executorch "
+                                   "writes an ExecuTorch program instead (XNNPACK delegate, static KV "
+                                   "cache; the optional executorch extra).")
     q.add_argument("model", nargs="?", default=None,
                    help="a .gguf file or a Hugging Face folder (default: the default model)")
     q.add_argument("--to", required=True,
                    choices=["q8_0", "q4_0", "q4_1", "ternary", "int4-g32", "int4-g32-asym", "f16", "f32",
-                            "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"],
+                            "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym", "executorch"],
                    help="the weight format to write (ternary: GGUF TQ2_0; int4-g32 = q4_0, int4-g32-asym = "
-                        "q4_1; int8 and int4-g64/g128 have no GGUF type and are refused)")
-    q.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+                        "q4_1; int8 and int4-g64/g128 have no GGUF type and are refused); executorch: an "
+                        "ExecuTorch .pte (XNNPACK delegate; needs `pip install 'metroline[executorch]'`)")
+    q.add_argument("-o", "--output", required=True, help="the .gguf (or, for executorch, .pte) file to write")
     _add_quant_method_args(q)
+    x = q.add_argument_group("--to executorch")
+    x.add_argument("--executorch-bits", type=int, default=4, choices=[4, 8, 32],
+                   help="4: int8 dynamic activations x int4 weights (group-wise, output layer 8-bit); "
+                        "8: int8 x int8 per row; 32: fp32")
+    x.add_argument("--executorch-group-size", type=int, default=32, metavar="N",
+                   help="inputs sharing one scale under 4 bits (a layer it does not divide stays 8-bit)")
+    x.add_argument("--executorch-max-seq-len", type=int, default=512, metavar="N",
+                   help="positions of the static KV cache (prompt + generated tokens)")
+    x.add_argument("--executorch-check", type=int, default=0, metavar="N",
+                   help="after writing, run the .pte in ExecuTorch's runtime on N held-out sequences "
+                        "and compare its logits with metroline's fp32 forward")
     q.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("eval", help="quality of a weight format: perplexity, agreement with a reference",
@@ -719,6 +734,8 @@ def cmd_eval_formats(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    if args.to == "executorch":
+        return _quantize_executorch(args)
     from metroline.model.gguf_export import export_gguf, export_hf_gguf
     from metroline.model.loader import resolve_model_source
 
@@ -737,6 +754,33 @@ def cmd_quantize(args) -> int:
                                                                         importance=importance)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))
     print(f"wrote {info['output']}: {info['bytes'] / 1e6:.1f} MB, {info['format']} ({kinds} tensors)")
+    return 0
+
+
+def _quantize_executorch(args) -> int:
+    from collections import Counter
+
+    from metroline.model import executorch_export as et
+
+    et.require_executorch()  # before loading anything: one line naming the extra
+    et.check_options(args.executorch_bits, args.executorch_group_size, args.executorch_max_seq_len)
+    from metroline.model.loader import load_model
+
+    loaded = load_model(args.model, weights="fp32", device="cpu", show_progress=True,
+                        max_model_len=args.executorch_max_seq_len)
+    r = et.export_pte(loaded.model, args.output, args.executorch_bits, args.executorch_group_size,
+                      args.executorch_max_seq_len)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(r.schemes.values()).items()))
+    print(f"wrote {r.output}: {r.bytes / 1e6:.1f} MB, ExecuTorch .pte, {r.delegated} XNNPACK "
+          f"delegate call(s), linears {kinds}, KV cache {r.max_seq_len} positions ({r.seconds:.0f} s)")
+    if args.executorch_check > 0:
+        from metroline.quant.evaluate import held_out
+
+        seqs = held_out(loaded.tokenizer, args.executorch_check, min(256, args.executorch_max_seq_len))
+        c = et.compare(et.PteRunner(r.output), loaded, seqs)
+        print(f"check against metroline fp32 on {c['positions']} held-out positions: top-1 agreement "
+              f"{c['top1_agreement']:.2%}, mean KL {c['mean_kl']:.4f} nats, max |logprob diff| "
+              f"{c['max_abs_logprob_diff']:.3f}")
     return 0
 
 

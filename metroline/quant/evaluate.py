@@ -49,16 +49,18 @@ def held_out(tok, num_seqs: int = 24, tokens: int = 256, first: int = 2000, coun
 
 
 @torch.inference_mode()
-def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
+def logits_of(loaded, ids: list[int], kv_cache_dtype: str = "auto", attention: str = "auto") -> torch.Tensor:
     """[len(ids) - 1, vocab] float64 log-probabilities of each next token, teacher-forced
-    through the engine's own attention backend and paged KV cache (in `kv_cache_dtype`, one of
-    config.KV_CACHE_DTYPE_CHOICES: every query reads its keys back from the cache)."""
-    hidden = hidden_states(loaded, ids, kv_cache_dtype)
+    through the engine's own attention backend (`attention`: "auto", "cpu" or "torch", as
+    metroline.platform.resolve_attention_backend takes it) and paged KV cache (in
+    `kv_cache_dtype`, one of config.KV_CACHE_DTYPE_CHOICES: every query reads its keys back
+    from the cache)."""
+    hidden = hidden_states(loaded, ids, kv_cache_dtype, attention)
     return torch.log_softmax(loaded.model.compute_logits(hidden[:-1]).double(), -1).cpu()
 
 
 @torch.inference_mode()
-def hidden_states(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
+def hidden_states(loaded, ids: list[int], kv_cache_dtype: str = "auto", attention: str = "auto") -> torch.Tensor:
     """[len(ids), hidden] final hidden states of one sequence (one prefill through the
     engine's attention backend and a paged KV cache of its own, in `kv_cache_dtype`)."""
     from metroline.attention.backend import SeqInfo, get_attention_backend
@@ -67,7 +69,7 @@ def hidden_states(loaded, ids: list[int], kv_cache_dtype: str = "auto") -> torch
     model = loaded.model
     cfg, p = loaded.config, next(model.parameters())
     kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
-    backend = get_attention_backend(resolve_attention_backend("auto", p.device, kv_dtype), kv_dtype)
+    backend = get_attention_backend(resolve_attention_backend(attention, p.device, kv_dtype), kv_dtype)
     bs = 16
     nblocks = -(-len(ids) // bs)
     kv = backend.allocate_kv_cache(cfg.num_hidden_layers, nblocks, bs, cfg.num_key_value_heads,
