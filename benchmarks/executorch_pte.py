@@ -46,7 +46,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pte-dir", default="/tmp/metroline-pte")
     ap.add_argument("--output", default=os.path.join(HERE, "results", "executorch.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --output's JSON")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.output) as fh:
+            plot(json.load(fh), args.output[:-5] + ".png")
+        return
     torch.set_num_threads(args.threads)
 
     import executorch
@@ -88,6 +93,33 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
+    plot(result, args.output[:-5] + ".png")
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pte = result["pte"]
+    bits = sorted(pte, key=int)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [f"pte {b}-bit" for b in bits] + [f"metroline {k}" for k in result["metroline_decode_tok_s"]]
+    speeds = [pte[b]["decode_tok_s"] for b in bits] + list(result["metroline_decode_tok_s"].values())
+    a1.bar(names, speeds, color=["#cc6677"] * len(bits) + ["#4477aa"] * len(result["metroline_decode_tok_s"]))
+    a1.set_ylabel("decode tok/s, batch 1")
+    a1.set_title(f"ExecuTorch runtime vs metroline ({result['threads']} threads)")
+    a2.bar([f"{b}-bit\n{pte[b]['bytes'] / 1e6:.0f} MB" for b in bits], [pte[b]["top1_agreement"] for b in bits])
+    for i, b in enumerate(bits):
+        a2.annotate(f"KL {pte[b]['mean_kl']:.3f}", (i, pte[b]["top1_agreement"]), textcoords="offset points",
+                    xytext=(0, 3), ha="center", fontsize=8)
+    a2.set_ylim(0, 1.05)
+    a2.set_ylabel("top-1 agreement with metroline fp32")
+    a2.set_title(f".pte quality ({result['slice'][:60]}...)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _version(name: str) -> str | None:
