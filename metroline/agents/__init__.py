@@ -1,0 +1,1 @@
+"""Agents as first-class work (issue 15): tools so far; runs, guards and the runtime follow."""
