@@ -1,1 +1,1 @@
-"""Agents as first-class work (issue 15): tools so far; runs, guards and the runtime follow."""
+"""Agents as first-class work (issue 15): tools and guards so far; runs, the store and the runtime follow."""
