@@ -62,6 +62,22 @@ def caches_after(loaded, ids, chunks, block_size=16, kv_cache_dtype=None):
     return torch.cat(out), kv
 
 
+def assert_both_paths_identical(monkeypatch, loaded, ids, chunks, threads=(1, 2), kv_cache_dtype=None):
+    """For every SIMD path this CPU runs and each thread count: the op-by-op path and
+    decode_layers give the same logits and leave the same KV cache, bit for bit."""
+    for isa in fused.supported_isas():
+        for n in threads:
+            def run():
+                with kernels.force_isa(isa):
+                    return with_threads(n, lambda: caches_after(loaded, ids, chunks, kv_cache_dtype=kv_cache_dtype))
+            (ref_logits, ref_kv), (logits, kv) = both_paths(monkeypatch, run)
+            assert torch.isfinite(logits).all()
+            assert torch.equal(logits, ref_logits), (isa, n)
+            for (k0, v0), (k1, v1) in zip(ref_kv, kv):
+                assert kv_cache_dtype is None or k0.dtype == kv_cache_dtype
+                assert torch.equal(k0, k1) and torch.equal(v0, v1), (isa, n)
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_tiny_model_every_format_isa_and_thread_count(qtype, tiny_tokenizer, tmp_path, monkeypatch):
     tok = tiny_tokenizer[1]
@@ -71,16 +87,7 @@ def test_tiny_model_every_format_isa_and_thread_count(qtype, tiny_tokenizer, tmp
     assert loaded.model._layer_stack([]) is not None, "the tiny packed model should run in decode_layers"
     ids = _tiny_prompt(tok, 60)
     chunks = [37, 1, 3, 1, 18]
-    for isa in fused.supported_isas():
-        for threads in (1, 2):
-            def run():
-                with kernels.force_isa(isa):
-                    return with_threads(threads, lambda: caches_after(loaded, ids, chunks))
-            (ref_logits, ref_kv), (logits, kv) = both_paths(monkeypatch, run)
-            assert torch.isfinite(logits).all()
-            assert torch.equal(logits, ref_logits), (isa, threads)
-            for (k0, v0), (k1, v1) in zip(ref_kv, kv):
-                assert torch.equal(k0, k1) and torch.equal(v0, v1), (isa, threads)
+    assert_both_paths_identical(monkeypatch, loaded, ids, chunks)
 
 
 def test_int8_kv_cache_bit_identical(tiny_tokenizer, tmp_path, monkeypatch):
@@ -90,14 +97,7 @@ def test_int8_kv_cache_bit_identical(tiny_tokenizer, tmp_path, monkeypatch):
     write_tiny_gguf(path, tok, Q.Q4_0, tied=True, seed=5)
     loaded = load_model(str(path), device="cpu", show_progress=False, weights="packed")
     ids = _tiny_prompt(tok, 60)
-    for isa in fused.supported_isas():
-        def run():
-            with kernels.force_isa(isa):
-                return with_threads(2, lambda: caches_after(loaded, ids, [37, 1, 3, 1, 18], kv_cache_dtype=torch.int8))
-        (ref_logits, ref_kv), (logits, kv) = both_paths(monkeypatch, run)
-        assert ref_kv[0][0].dtype == torch.int8 and torch.isfinite(logits).all()
-        assert torch.equal(logits, ref_logits), isa
-        assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(ref_kv, kv)), isa
+    assert_both_paths_identical(monkeypatch, loaded, ids, [37, 1, 3, 1, 18], threads=(2,), kv_cache_dtype=torch.int8)
 
 
 def test_default_model_long_context_bit_identical(default_loaded, monkeypatch):

@@ -280,12 +280,11 @@ def test_torch_fallback(no_extension, fmt):
 def test_decode_layers_bit_identical_for_new_formats(weights, tiny_tokenizer, tmp_path, monkeypatch):
     """decode_layers calls the same kernels by fmt: the tiny model quantized at load into a
     new format gives op-by-op's logits and KV cache exactly (every ISA, 1 and 2 threads)."""
-    from metroline.kernels import fused
     from metroline.kernels import layers as klayers
     from metroline.model.loader import load_model
     from metroline.quant.packed import PackedLinear
     from tests.model.test_model_vs_hf import _tiny_prompt, write_tiny_gguf
-    from tests.unit.test_decode_layers import both_paths, caches_after, with_threads
+    from tests.unit.test_decode_layers import assert_both_paths_identical
 
     if not klayers.available():
         pytest.skip("C++ kernels not built")
@@ -300,16 +299,7 @@ def test_decode_layers_bit_identical_for_new_formats(weights, tiny_tokenizer, tm
     assert loaded.model._layer_stack([]) is not None
     ids = _tiny_prompt(tok, 40)
     chunks = [29, 1, 3, 1, 6]
-    for isa in fused.supported_isas():
-        for threads in (1, 2):
-            def run():
-                with K.force_isa(isa):
-                    return with_threads(threads, lambda: caches_after(loaded, ids, chunks))
-            (ref_logits, ref_kv), (logits, kv) = both_paths(monkeypatch, run)
-            assert torch.isfinite(logits).all()
-            assert torch.equal(logits, ref_logits), (isa, threads)
-            for (k0, v0), (k1, v1) in zip(ref_kv, kv):
-                assert torch.equal(k0, k1) and torch.equal(v0, v1), (isa, threads)
+    assert_both_paths_identical(monkeypatch, loaded, ids, chunks)
 
 
 @pytest.fixture(scope="session")
