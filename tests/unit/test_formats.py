@@ -19,7 +19,7 @@ import torch
 import metroline.kernels as K
 from metroline.quant import formats as QF
 from tests.model.test_model_vs_hf import tiny_tokenizer  # noqa: F401  (a fixture)
-from tests.unit.test_kernels import _isa_or_skip, activations, check_against_references
+from tests.unit.test_kernels import _isa_or_skip, activations, check_against_references, no_extension  # noqa: F401
 
 NEW = [K.I8_ROW, K.I4_G64, K.I4_G64_ASYM, K.I4_G128, K.I4_G128_ASYM, K.TQ2_0]
 ISAS = ["scalar", "avx2", "avx512"]
@@ -253,14 +253,6 @@ def test_gguf_export_refuses_formats_without_a_gguf_type(tmp_path):
     assert tensor_target("blk.0.ffn_down.weight", (1536, 576), "ternary") == Q.TQ2_0
     assert tensor_target("blk.0.ffn_up.weight", (576, 1536), "ternary") == Q.Q4_0  # 576 % 256: llama.cpp's fallback
     assert tensor_target("token_embd.weight", (576, 49152), "ternary") == Q.Q8_0
-
-
-@pytest.fixture
-def no_extension(monkeypatch):
-    monkeypatch.setattr(K, "_ops", None)
-    monkeypatch.setattr(K, "_reason", "simulated: extension missing")
-    monkeypatch.setattr(K, "_warned", False)
-    monkeypatch.setattr(K, "_isa", -1)
 
 
 @pytest.mark.parametrize("fmt", NEW, ids=ids)

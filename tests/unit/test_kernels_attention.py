@@ -135,17 +135,10 @@ def test_int8_cache_within_int8_rounding_of_fp32_values(isa):
 
 @needs_op
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_int8_simd_agrees_with_scalar(isa):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_simd_agrees_with_scalar(isa, dtype):
     _isa_or_skip(isa)
-    b = Batch([2000, 33, 1], [16, 1, 1], dtype=torch.int8, seed=3)
-    assert_close_rel(b.run(isa), b.run("scalar"))
-
-
-@needs_op
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_simd_agrees_with_scalar(isa):
-    _isa_or_skip(isa)
-    b = Batch([2000, 33, 1], [16, 1, 1], dtype=torch.float16, seed=3)
+    b = Batch([2000, 33, 1], [16, 1, 1], dtype=dtype, seed=3)
     assert_close_rel(b.run(isa), b.run("scalar"))
 
 
