@@ -625,8 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="the student's folder (and its checkpoints)")
     d.set_defaults(func=cmd_distill)
 
+    from metroline.agents.cli import add_agent_parser  # agent run | show | list | resume
     from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline
 
+    add_agent_parser(sub, _add_model_args)
     add_bench_parser(sub)
     return parser
 

@@ -148,8 +148,16 @@ class ServerConfig:
     # /metrics needs the API key unless it is public, or the scraper sends this bearer token.
     metrics_token: str | None = None
     public_metrics: bool = False
+    # Agent runs (/v1/agents/runs) and stored responses: the SQLite file (None: under
+    # $METROLINE_DATA_DIR), the folder read_file may read (None: no read_file tool), how many
+    # runs go at once (more wait, queued).
+    agent_store_path: str | None = None
+    agent_sandbox: str | None = None
+    agent_max_runs: int = 16
 
     def __post_init__(self):
+        if self.agent_max_runs < 1:
+            raise ValueError("agent_max_runs must be >= 1")
         if self.max_request_body_bytes <= 0:
             raise ValueError("max_request_body_bytes must be > 0")
         if self.request_timeout is not None and self.request_timeout <= 0:

@@ -32,6 +32,8 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["METROLINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="metroline-test-cache-")
+    # Agent runs and stored responses of test servers go to a store of their own.
+    os.environ["METROLINE_DATA_DIR"] = tempfile.mkdtemp(prefix="metroline-test-data-")
 
 
 def pytest_collection_modifyitems(config, items):

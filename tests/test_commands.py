@@ -34,7 +34,7 @@ COMMANDS = _commands()
 def test_the_commands_are_the_documented_ones():
     names = {" ".join(c) for c, _ in COMMANDS}
     assert {"generate", "chat", "serve", "bench", "bench serve", "bench compare",
-            "bench roofline"} <= names
+            "bench roofline", "agent run", "agent show", "agent list", "agent resume"} <= names
 
 
 @pytest.mark.parametrize("command", [c for c, _ in COMMANDS], ids=" ".join)
@@ -68,6 +68,26 @@ def test_chat_minimal_invocation_and_bad_flag():
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "top_p" in proc.stderr
+
+
+def test_agent_run_shows_its_steps_and_agent_show_reads_the_run_back(tmp_path):
+    store = str(tmp_path / "runs.sqlite3")
+    proc = subprocess.run(CLI + ["agent", "run", "What is 6 * 7?", "--tools", "calculator", "--max-steps", "2",
+                                 "--store", store], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "step  1  model  calculator(" in proc.stderr and "-> calculator:" in proc.stderr
+    run_id = proc.stderr.split("run ", 1)[1].split()[0]
+    shown = subprocess.run(CLI + ["agent", "show", run_id, "--json", "--store", store], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    run = json.loads(shown.stdout)
+    assert run["id"] == run_id and run["status"] in ("completed", "stopped")
+    assert [e["kind"] for e in run["events"]][:3] == ["model_call", "tool_started", "tool_finished"]
+    listed = subprocess.run(CLI + ["agent", "list", "--store", store], capture_output=True, text=True, timeout=60)
+    assert listed.stdout.startswith(run_id)
+    for args in (["agent", "show", "run_nope", "--store", store], ["agent", "run", "x", "--tools", "rm"]):
+        bad = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
 def test_unknown_command_and_option_are_usage_errors():

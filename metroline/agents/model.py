@@ -53,15 +53,17 @@ class ChatModel(Protocol):
     name: str
 
     async def complete(self, messages: list[dict], tools: list[dict], *, max_tokens: int,
-                       hints: CallHints | None = None) -> ModelTurn:
-        """One assistant turn. `tools` are OpenAI tool entries; empty: answer in text only."""
+                       hints: CallHints | None = None, tool_choice: str = "auto") -> ModelTurn:
+        """One assistant turn. `tools` are OpenAI tool entries; empty: answer in text only.
+        tool_choice "required": the turn must be tool calls."""
         ...
 
 
 class EngineChatModel:
     def __init__(self, engine, *, name: str = "metroline", temperature: float = 0.0,
-                 parallel_tool_calls: bool = True, seed: int | None = 0):
+                 parallel_tool_calls: bool = False, seed: int | None = 0, tokenizer=None):
         self.engine = engine  # an AsyncEngine
+        self._tokenizer = tokenizer  # the engine's unless given (a server's chat template override)
         self.name = name
         self.temperature = temperature
         self.parallel_tool_calls = parallel_tool_calls
@@ -70,10 +72,15 @@ class EngineChatModel:
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._tokenizer or self.engine.tokenizer
+
+    async def release_session(self, session_id: str) -> None:
+        """Drop the KV a run kept pinned between its calls (the run ended)."""
+        if self.engine.is_alive:
+            await self.engine.release_session(session_id)
 
     async def complete(self, messages: list[dict], tools: list[dict], *, max_tokens: int,
-                       hints: CallHints | None = None) -> ModelTurn:
+                       hints: CallHints | None = None, tool_choice: str = "auto") -> ModelTurn:
         from metroline.engine.request import RequestHints, SamplingParams
         from metroline.structured import GrammarSpec, compile_grammar
         from metroline.structured.tools import (parse_tool_calls, parse_tools, render_messages,
@@ -85,7 +92,8 @@ class EngineChatModel:
         prompt = self.tokenizer.encode(text, add_special_tokens=False)
         params = SamplingParams(temperature=self.temperature, max_tokens=max_tokens, seed=self.seed)
         if specs:
-            grammar = tool_call_grammar(specs, "auto", None, self.parallel_tool_calls)
+            grammar = tool_call_grammar(specs, "required" if tool_choice == "required" else "auto", None,
+                                        self.parallel_tool_calls)
             compiled = await asyncio.to_thread(compile_grammar, self.tokenizer, GrammarSpec.lark(grammar))
             params.logits_processors = [compiled.processor()]
         h = hints or CallHints()
@@ -131,12 +139,13 @@ class ScriptedModel:
         self._ids = itertools.count()
 
     async def complete(self, messages: list[dict], tools: list[dict], *, max_tokens: int,
-                       hints: CallHints | None = None) -> ModelTurn:
+                       hints: CallHints | None = None, tool_choice: str = "auto") -> ModelTurn:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         i = len(self.calls)
         names = [t["function"]["name"] for t in tools]
-        self.calls.append({"messages": [dict(m) for m in messages], "tools": names, "hints": hints})
+        self.calls.append({"messages": [dict(m) for m in messages], "tools": names, "hints": hints,
+                           "tool_choice": tool_choice, "max_tokens": max_tokens})
         if i < len(self.script):
             entry = self.script[i]
         elif self.then is not None:

@@ -46,6 +46,38 @@ logger = logging.getLogger("metroline.agents")
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant that solves the user's task step by step. "
                          "Use the tools when they help: call one, read its result, then continue. "
                          "When you have the answer, reply with it in plain text.")
+# With tool_choice "required" every turn is a tool call, and this one ends the run: a small model
+# that never stops to answer in free text still says when it is done, in a form that parses.
+FINAL_ANSWER_TOOL = "final_answer"
+FINAL_ANSWER_SPEC = {"type": "function", "function": {
+    "name": FINAL_ANSWER_TOOL, "description": "Give the final answer to the task; this ends the run.",
+    "parameters": {"type": "object", "properties": {"answer": {"type": "string", "description": "the answer",
+                                                               "minLength": 1, "maxLength": 500}},
+                   "required": ["answer"], "additionalProperties": False}}}
+TOOL_CHOICES = ("auto", "required")
+REQUIRED_SYSTEM_PROMPT = (
+    "You solve the user's task step by step with tools. Each reply is exactly one tool call. "
+    "Read each tool result, then make the next call. When the last result answers the task, call "
+    "final_answer with it.")
+# Shown as earlier turns of the conversation (small models follow turns better than prose).
+_EXAMPLE = [("What is 6 * 7?", [("calculator", {"expression": "6 * 7"}, "42")], "42"),
+            ("What is (3 + 4) * 5, minus 6?", [("calculator", {"expression": "(3 + 4) * 5"}, "35"),
+                                               ("calculator", {"expression": "35 - 6"}, "29")], "29")]
+
+
+def _example_turns() -> list[dict]:
+    out, n = [], 0
+    for task, calls, answer in _EXAMPLE:
+        out.append({"role": "user", "content": task})
+        for name, args, result in calls + [(FINAL_ANSWER_TOOL, {"answer": answer}, None)]:
+            n += 1
+            out.append({"role": "assistant", "content": "",
+                        "tool_calls": [ModelCall(f"example_{n}", name, args).to_openai()]})
+            if result is not None:
+                out.append({"role": "tool", "tool_call_id": f"example_{n}", "content": result})
+    return out
+
+
 FINAL_ANSWER_PROMPT = ("The run has to end now ({reason}). Do not call any tool. Give your final "
                        "answer to the task with what you know so far.")
 
@@ -264,8 +296,12 @@ class Governor:
 
 def transcript(run: RunRecord, events: list[RunEvent]) -> list[dict]:
     """The conversation the model sees next, rebuilt from the run's events."""
-    msgs: list[dict] = [{"role": "system", "content": run.metadata.get("system") or DEFAULT_SYSTEM_PROMPT},
-                        {"role": "user", "content": run.task}]
+    required = run.metadata.get("tool_choice") == "required"
+    msgs: list[dict] = [{"role": "system", "content": run.metadata.get("system") or (
+        REQUIRED_SYSTEM_PROMPT if required else DEFAULT_SYSTEM_PROMPT)}]
+    if required and not run.metadata.get("system") and "calculator" in run.tools:
+        msgs += _example_turns()
+    msgs.append({"role": "user", "content": run.task})
     for ev in events:
         d = ev.data
         if ev.kind == "model_call":
@@ -294,6 +330,12 @@ def _pending_calls(events: list[RunEvent]) -> tuple[list[dict], dict[str, RunEve
     started = {ev.data["call_id"]: ev for ev in events[last:] if ev.kind == "tool_started"}
     calls = [c for c in events[last].data.get("tool_calls") or [] if c["id"] not in ended]
     return calls, started
+
+
+def _answer_of(call: ModelCall) -> str:
+    if isinstance(call.arguments, dict):
+        return str(call.arguments.get("answer", ""))
+    return str(call.arguments)
 
 
 @dataclass
@@ -345,10 +387,15 @@ class AgentRuntime:
     # ---- starting, waiting, cancelling ----
 
     async def start(self, task: str, *, tools: list[str] | None = None, budgets: Budgets | dict | None = None,
-                    system: str | None = None, run_id: str | None = None, metadata: dict | None = None) -> str:
-        """Create a run and start it in the background; returns its id."""
+                    system: str | None = None, run_id: str | None = None, metadata: dict | None = None,
+                    tool_choice: str = "auto") -> str:
+        """Create a run and start it in the background; returns its id. `tool_choice`
+        "required": every turn must call a tool, and the run ends when the model calls
+        `final_answer` (for small models that do not stop to answer by themselves)."""
         if not isinstance(task, str) or not task.strip():
             raise ValueError("the task must be a non-empty string")
+        if tool_choice not in TOOL_CHOICES:
+            raise ValueError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)}")
         names = list(tools) if tools is not None else self.tools.names()
         unknown = [n for n in names if n not in self.tools]
         if unknown:
@@ -357,6 +404,7 @@ class AgentRuntime:
         meta = dict(metadata or {})
         if system is not None:
             meta["system"] = system
+        meta["tool_choice"] = tool_choice
         rec = RunRecord(run_id or new_run_id(), task, getattr(self.model, "name", ""), names, b.to_dict(),
                         "queued", metadata=meta)
         self.store.create_run(rec)
@@ -506,6 +554,12 @@ class AgentRuntime:
         except asyncio.CancelledError:
             pass
         finally:
+            release = getattr(self.model, "release_session", None)
+            if release is not None and not shutdown:
+                try:  # the run's KV pin (kv_retention_s between tool calls) is no longer needed
+                    await release(run_id)
+                except Exception:
+                    logger.debug("releasing run %s's session failed", run_id, exc_info=True)
             for q in a.subscribers:
                 q.put_nowait(None)
             self._active.pop(run_id, None)
@@ -533,6 +587,11 @@ class AgentRuntime:
 
         calls, started = _pending_calls(events)
         stop = None
+        required = rec.metadata.get("tool_choice") == "required"
+        choice = {"tool_choice": "required"} if required else {}  # a ChatModel may not know the keyword
+        if required and any(c["name"] == FINAL_ANSWER_TOOL for c in calls):  # the crash came before its end
+            self._final_call(run_id, gov, [ModelCall(c["id"], c["name"], c["arguments"]) for c in calls])
+            return
         if calls:
             stop = await self._run_calls(run_id, rec, gov, [ModelCall(c["id"], c["name"], c["arguments"]) for c in calls],
                                          started)
@@ -542,14 +601,16 @@ class AgentRuntime:
                 break
             allowed = gov.allowed_tools(rec.tools)
             specs = self.tools.specs(allowed) if allowed else []
+            if required:
+                specs.append(FINAL_ANSWER_SPEC)
             msgs = transcript(rec, self.store.events(run_id))
             hints = CallHints(session_id=run_id, program_id=run_id,
                               kv_retention_s=self.retention(allowed) if self.retention and allowed else None)
             timeout = min(budgets.model_call_timeout_s, max(0.0, gov.time_left()))
             t = time.monotonic()
             try:
-                turn = await asyncio.wait_for(self.model.complete(msgs, specs, max_tokens=gov.max_tokens_now(),
-                                                                  hints=hints), timeout)
+                turn = await asyncio.wait_for(self.model.complete(
+                    msgs, specs, max_tokens=gov.max_tokens_now(), hints=hints, **choice), timeout)
             except asyncio.TimeoutError:
                 if gov.time_left() <= 0:
                     stop = GuardStop("deadline", f"the run's deadline of {budgets.deadline_s:g} s passed "
@@ -573,25 +634,38 @@ class AgentRuntime:
                 self._record(run_id, "final", {"content": turn.content, "ended_by": None})
                 self._end(run_id, "completed", turn.content, None, None, gov)
                 return
+            if required and any(c.name == FINAL_ANSWER_TOOL for c in calls):
+                self._final_call(run_id, gov, calls)
+                return
             stop = await self._run_calls(run_id, rec, gov, calls, {})
 
-        # A guard ended the run: one last call, without tools, for the final answer.
+        # A guard ended the run: one last call, without tools, for the final answer. With
+        # tool_choice "required" the answer comes as a final_answer call, the only one the
+        # grammar then allows: the form the run's model has answered in all along.
         if self.metrics is not None:
             self.metrics.guard_trip(stop.guard)
         answer, in_t, out_t = None, 0, 0
         msgs = transcript(rec, self.store.events(run_id))
         msgs.append({"role": "user", "content": FINAL_ANSWER_PROMPT.format(reason=stop.reason)})
         try:
-            turn = await asyncio.wait_for(self.model.complete(msgs, [], max_tokens=budgets.final_answer_max_tokens,
-                                                              hints=CallHints(program_id=run_id)),
-                                          budgets.final_answer_timeout_s)
+            turn = await asyncio.wait_for(self.model.complete(
+                msgs, [FINAL_ANSWER_SPEC] if required else [], max_tokens=budgets.final_answer_max_tokens,
+                hints=CallHints(session_id=run_id, program_id=run_id), **choice), budgets.final_answer_timeout_s)
             answer, in_t, out_t = turn.content, turn.input_tokens, turn.output_tokens
+            final = [c for c in turn.tool_calls if c.name == FINAL_ANSWER_TOOL]
+            if final:
+                answer = _answer_of(final[0])
         except asyncio.TimeoutError:
             logger.warning("run %s: no final answer within %g s", run_id, budgets.final_answer_timeout_s)
         ev = self._record(run_id, "final", {"content": answer, "ended_by": stop.guard, "reason": stop.reason,
                                             "input_tokens": in_t, "output_tokens": out_t})
         gov.apply(ev)
         self._end(run_id, "stopped", answer, stop.guard, stop.reason, gov)
+
+    def _final_call(self, run_id: str, gov: Governor, calls: list[ModelCall]) -> None:
+        answer = _answer_of(next(c for c in calls if c.name == FINAL_ANSWER_TOOL))
+        self._record(run_id, "final", {"content": answer, "ended_by": None, "via": FINAL_ANSWER_TOOL})
+        self._end(run_id, "completed", answer, None, None, gov)
 
     async def _run_calls(self, run_id: str, rec: RunRecord, gov: Governor, calls: list[ModelCall],
                          started: dict[str, RunEvent]) -> GuardStop | None:

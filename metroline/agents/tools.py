@@ -246,6 +246,8 @@ _FUNCS = {n: getattr(math, n) for n in ("sqrt", "exp", "log", "log10", "log2", "
                                          "acos", "atan", "floor", "ceil", "factorial", "gcd", "hypot")}
 _FUNCS.update(abs=abs, round=round, min=min, max=max)
 _CONSTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
+_WORDS = "|".join(sorted([*_FUNCS, *_CONSTS], key=len, reverse=True))
+CALCULATOR_PATTERN = f"^(?:[-(0-9]|{_WORDS})(?:[-+*/%(). ,0-9]|{_WORDS})*$"
 _MAX_POWER = 10_000  # |exponent| and factorial argument bounds: no expression may run for minutes
 _MAX_DIGITS = 10_000
 
@@ -311,6 +313,11 @@ def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> T
             expression: the expression, e.g. "(17 * 23) + sqrt(2)"
         """
         return repr(calculate(expression))
+
+    # The grammar keeps a call's expression to what calculate() reads (numbers, operators,
+    # parentheses, its functions and constants): a small model cannot write prose in it.
+    reg["calculator"].parameters["properties"]["expression"].update(
+        minLength=1, maxLength=500, pattern=CALCULATOR_PATTERN)
 
     @reg.tool(timeout_s=5, idempotent=True)
     def clock() -> str:

@@ -192,6 +192,7 @@ async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResp
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app over a running AsyncEngine (the caller owns the engine)."""
     from metroline import __version__
+    from metroline.server import agents
     from metroline.server.openai import add_routes
 
     config = config or ServerConfig()
@@ -200,7 +201,9 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop = asyncio.get_running_loop()
+        await agents.startup(state)
         yield
+        await agents.shutdown(state)
         # uvicorn waited for open connections first; whatever is left ends now.
         err = APIError(503, "the server shut down", "service_unavailable", None, "server_shutdown")
         for run in list(state.runs):
@@ -259,6 +262,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         return {"version": __version__}
 
     add_routes(app)
+    agents.add_routes(app)
     return app
 
 

@@ -141,7 +141,10 @@ def test_builtin_tools_notebook_clock_and_sandbox(tmp_path):
     assert set(reg.names()) == {"calculator", "clock", "notebook_set", "notebook_get", "notebook_list", "read_file"}
     assert run(reg.call("calculator", {"expression": "17*23"})).content == "391"
     calc_err = run(reg.call("calculator", {"expression": "open('x')"}))
-    assert not calc_err.ok and "not allowed" in calc_err.content
+    # The schema's pattern refuses it before calculate()'s own AST check would.
+    assert not calc_err.ok and calc_err.error == "invalid_arguments" and "does not match" in calc_err.content
+    with pytest.raises(ValueError, match="not allowed"):
+        calculate("open('x')")
     assert time.strptime(run(reg.call("clock", {})).content, "%Y-%m-%dT%H:%M:%SZ")
     assert run(reg.call("notebook_set", {"key": "a", "value": "1"})).content == "ok" and book == {"a": "1"}
     assert run(reg.call("notebook_get", {"key": "a"})).content == "1"
