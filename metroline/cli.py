@@ -9,6 +9,7 @@ import sys
 
 from metroline.config import (KV_CACHE_DTYPE_CHOICES, QUANT_METHOD_CHOICES, WEIGHT_CHOICES, CacheConfig,
                               ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig)
+from metroline.engine.policy import POLICIES
 from metroline.errors import MetrolineError
 
 # Flag defaults come from the config dataclasses: one source of truth.
@@ -518,8 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per engine step (decodes and prefill chunks share it)")
     e.add_argument("--max-queued-requests", type=int, default=_SCHED.max_queued_requests,
                    help="bound on waiting requests; beyond it requests get 429 (default: no bound)")
-    e.add_argument("--scheduling-policy", default=_SCHED.policy, choices=["fcfs", "priority"],
-                   help="fcfs, or priority (a request's lower `priority` value runs first)")
+    e.add_argument("--scheduling-policy", default=_SCHED.policy, choices=list(POLICIES),
+                   help="fcfs; priority (a request's lower `priority` value runs first); or plas "
+                        "(program-level least attained service: the agent program that has had "
+                        "the least compute so far goes first, with aging against starvation)")
     e.add_argument("--no-chunked-prefill", action="store_true",
                    help="run each prompt in one step (long prompts then wait for room)")
     e.add_argument("--no-grammar-fast-forward", action="store_true",

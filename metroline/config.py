@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from metroline.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from metroline.engine.policy import SchedulingPolicy
 
 
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
@@ -66,7 +70,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's context length
-    policy: str = "fcfs"  # "fcfs" or "priority"
+    # A name in engine/policy.POLICIES ("fcfs", "priority", "plas": program-level least
+    # attained service), or a SchedulingPolicy instance (one per engine: it holds state).
+    policy: "str | SchedulingPolicy" = "fcfs"
     enable_chunked_prefill: bool = True
     # Requests allowed to wait; beyond it add_request says no (the server answers 429).
     max_queued_requests: int | None = None
@@ -77,7 +83,11 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0",
                  "max_num_batched_tokens")
         _require(self.max_num_seqs > 0, "max_num_seqs must be > 0", "max_num_seqs")
-        _require(self.policy in ("fcfs", "priority"), "policy must be 'fcfs' or 'priority'",
+        from metroline.engine.policy import POLICIES, SchedulingPolicy
+
+        _require(isinstance(self.policy, SchedulingPolicy)
+                 or (isinstance(self.policy, str) and self.policy in POLICIES),
+                 f"policy must be one of {', '.join(map(repr, POLICIES))} or a SchedulingPolicy",
                  "policy")
         _require(self.max_queued_requests is None or self.max_queued_requests >= 0,
                  "max_queued_requests must be >= 0", "max_queued_requests")

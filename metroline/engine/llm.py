@@ -37,7 +37,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
                  host_kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto",
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy: str = "fcfs",
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, policy="fcfs",
                  enable_chunked_prefill: bool = True, grammar_fast_forward: bool = True, seed: int = 0,
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int = 4,
                  show_progress: bool = True, loaded=None):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from metroline.config import SchedulerConfig
+from metroline.engine.policy import make_policy
 from metroline.engine.processors import forced_tokens, notify_accept
 from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus
 from metroline.errors import QueueFullError, processor_failure
@@ -70,6 +71,8 @@ class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, kv_manager: KVCacheManager,
                  block_size: int, max_model_len: int):
         self.config = scheduler_config
+        # The order requests are served in (engine/policy.py); fed each step's service.
+        self.policy = make_policy(scheduler_config.policy)
         self.kv = kv_manager
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -86,6 +89,10 @@ class Scheduler:
         self.num_prefill_chunks = 0  # times a request's known tokens were split across steps
         self.num_fast_forward_tokens = 0  # tokens a grammar forced, appended without a step each
 
+    def clock(self) -> float:
+        """Seconds (monotonic) for pin expiry and the policy; a test may assign a fake one."""
+        return time.monotonic()
+
     # ---- admission ----
 
     def add_request(self, request: Request) -> None:
@@ -98,6 +105,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.requests[request.request_id] = request
+        self.policy.on_add(request, self.clock())
         if request.sampling_params.n > 1 and request.sample_index == 0:
             self._group_leaders[request.group_id] = request
 
@@ -107,11 +115,13 @@ class Scheduler:
         """Pick this step's work: running requests first (decodes, ongoing prefill chunks),
         preempting when the pool says no, then admit waiting ones while budget allows."""
         out = SchedulerOutput()
-        self.kv.expire_pins(time.monotonic())
+        now = self.clock()
+        self.kv.expire_pins(now)
+        self.policy.on_step(now)
         budget = self.config.max_num_batched_tokens
         # Sorted so the lowest-priority request (the preemption victim) is always last and
         # therefore never one already scheduled in this step.
-        self.running.sort(key=self._priority_key)
+        self.running.sort(key=lambda r: self.policy.sort_key(r, now))
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -149,15 +159,16 @@ class Scheduler:
             i += 1
 
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, budget, now)
 
         for sr in out.scheduled:
             sr.request.num_computed_tokens += sr.num_new_tokens
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        if self.config.policy == "priority":
-            self.waiting = deque(sorted(self.waiting, key=self._priority_key))
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        if self.policy.sorts_waiting and len(self.waiting) > 1:
+            # Re-sorted at each admission (the queue is short; keys move with service and age).
+            self.waiting = deque(sorted(self.waiting, key=lambda r: self.policy.sort_key(r, now)))
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -214,10 +225,6 @@ class Scheduler:
         num_known = req.num_tokens - req.num_computed_tokens
         return num_known + (len(req.spec_token_ids) if num_known == 1 else 0)
 
-    def _priority_key(self, req: Request) -> tuple:
-        arrival = (req.arrival_time, req.arrival_seq)
-        return (req.priority, *arrival) if self.config.policy == "priority" else arrival
-
     def _waits_for_group_leader(self, req: Request) -> bool:
         """Samples 1..n-1 wait until sample 0 has computed the prompt, then share its blocks."""
         if req.sample_index == 0 or not self.kv.enable_caching:
@@ -235,7 +242,8 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)  # ahead of new arrivals
+        # Ahead of new arrivals; a policy that sorts the waiting queue puts it in its place.
+        self.waiting.appendleft(req)
 
     # ---- after the model ran ----
 
@@ -255,6 +263,9 @@ class Scheduler:
             if not req.internal:
                 self.num_prompt_tokens_computed += max(
                     0, min(sr.start_pos + sr.num_new_tokens, req.num_prompt_tokens) - sr.start_pos)
+            # Service: the positions the model ran for it (prefill chunk, or the decode that
+            # produced this step's token, drafts verified included).
+            self.policy.on_tokens(req, sr.num_new_tokens)
             res = runner_output.outputs.get(req.request_id) if sr.sample else None
             if res is not None and res.error is not None:
                 req.error = res.error
@@ -398,9 +409,10 @@ class Scheduler:
         req.status = status
         if (req.session_id is not None and req.kv_retention_s
                 and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)):
-            self.kv.pin_session(req, req.session_id, time.monotonic() + req.kv_retention_s)
+            self.kv.pin_session(req, req.session_id, self.clock() + req.kv_retention_s)
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
+        self.policy.on_finish(req)
         if self._group_leaders.get(req.group_id) is req:
             del self._group_leaders[req.group_id]
 

@@ -108,6 +108,7 @@ def _hints(body, request: Request) -> RequestHints:
     return RequestHints(
         priority=body.priority,
         session_id=tenant_scoped(request, body.session_id) if body.session_id else None,
+        program_id=tenant_scoped(request, body.program_id) if body.program_id else None,
         cache_salt=tenant_scoped(request, body.cache_salt),
         kv_retention_s=body.kv_retention_s)
 

@@ -100,9 +100,12 @@ class _SamplingRequest(_Body):
     skip_special_tokens: bool = True
     # Scheduling hints passed through to the engine: lower priority value is served first
     # (with --scheduling-policy priority); cache_salt scopes the prefix cache; with a
-    # session_id, kv_retention_s keeps this turn's KV pinned for the next one (seconds).
+    # session_id, kv_retention_s keeps this turn's KV pinned for the next one (seconds);
+    # program_id groups an agent program's calls (--scheduling-policy plas serves the program
+    # with the least service so far first).
     priority: int = 0
     session_id: str | None = None
+    program_id: str | None = None
     cache_salt: str | None = None
     kv_retention_s: float | None = None
     # Structured outputs: OpenAI's response_format, and extensions constraining the output to
