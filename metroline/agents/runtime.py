@@ -35,6 +35,7 @@ from typing import AsyncIterator, Callable
 
 from metroline.agents.guards import CircuitBreaker, BreakerState, Escalation, LoopDetector
 from metroline.agents.model import CallHints, ChatModel, ModelCall, ModelTurn
+from metroline.agents.serving import ToolLatencyTracker
 from metroline.agents.store import FINISHED_STATUSES, RunEvent, RunRecord, RunStore, new_run_id
 from metroline.agents.tools import ToolRegistry, ToolResult
 
@@ -370,17 +371,20 @@ class AgentRuntime:
                  mono: Callable[[], float] = time.monotonic,
                  on_tool_latency: Callable[[str, float], None] | None = None):
         """`metrics`: an agents.metrics.AgentMetrics (or None). `retention`: a callable
-        (tool names allowed at this step) -> kv_retention_s for the model call, or None."""
+        (tool names allowed at this step) -> kv_retention_s for the model call; by default
+        each tool's observed latency decides (agents/serving.py: the KV of a run waiting on a
+        tool stays pinned about as long as the tool is expected to take, not longer)."""
         self.model = model
         self.tools = tools
         self.store = store
         self.budgets = budgets or Budgets()
         self.guards = guards or GuardConfig()
         self.metrics = metrics
-        self.retention = retention
+        self.latency = ToolLatencyTracker()
+        self.retention = retention if retention is not None else self.latency.retention_for
         self.on_event = on_event
         self.mono = mono  # the breakers' clock (a fake one in tests)
-        self.on_tool_latency = on_tool_latency  # fed each tool's latency (the KV retention estimate)
+        self.on_tool_latency = on_tool_latency or self.latency.observe  # each tool's latency
         self._slots = asyncio.Semaphore(max_concurrent_runs)
         self._active: dict[str, _Active] = {}
 

@@ -53,21 +53,10 @@ def agents_of(state):
         cfg = state.config
         state.agent_store = getattr(state, "agent_store", None) or SQLiteRunStore(cfg.agent_store_path)
         model = EngineChatModel(state.engine, name=state.model_names[0], tokenizer=state.tokenizer)
-        tracker = _latency_tracker()
         rt = AgentRuntime(model, builtin_tools(sandbox=cfg.agent_sandbox), state.agent_store,
-                          max_concurrent_runs=cfg.agent_max_runs, metrics=AgentMetrics(state.metrics.registry),
-                          retention=tracker.retention if tracker else None,
-                          on_tool_latency=tracker.observe if tracker else None)
+                          max_concurrent_runs=cfg.agent_max_runs, metrics=AgentMetrics(state.metrics.registry))
         state.agent_runtime = rt
     return rt
-
-
-def _latency_tracker():
-    try:  # TODO(merge): agents/serving.py lands with the scheduling branch
-        from metroline.agents.serving import ToolLatencyTracker
-    except ImportError:
-        return None
-    return ToolLatencyTracker()
 
 
 def _tenant(request: Request) -> str | None:

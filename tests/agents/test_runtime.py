@@ -47,6 +47,11 @@ def test_a_calculator_task_completes_and_the_store_holds_the_trace(store):
     assert seen[-1] == {"role": "tool", "tool_call_id": res.events[0]["tool_calls"][0]["id"], "content": "391"}
     assert model.calls[0]["tools"] == ["calculator"]
     assert model.calls[0]["hints"].program_id == res.run_id == model.calls[0]["hints"].session_id
+    # The KV is retained across the tool pause for about the tool's expected latency: the prior
+    # before any call, then what the calculator was seen to take (well under the prior).
+    first, later = model.calls[0]["hints"].kv_retention_s, model.calls[2]["hints"].kv_retention_s
+    assert first > 0 and 0 < later < first
+    assert rt.latency.num_observations("calculator") == 2
     # Read back from the file, the record and trace are the same.
     rec = store.get_run(res.run_id)
     assert rec.status == "completed" and rec.usage["tool_calls"] == 2 and rec.usage["model_calls"] == 3
