@@ -34,9 +34,6 @@ def add_agent_parser(sub, add_model_args) -> None:
     r.add_argument("--tools", default="calculator",
                    help="comma-separated built-in tools: calculator, clock, notebook, read_file (needs "
                         "--sandbox)")
-    r.add_argument("--mcp", default=None, metavar="CONFIG",
-                   help="also the tools of the MCP servers in this JSON file ({\"mcpServers\": {name: "
-                        "{\"command\", \"args\", \"env\"}}}, stdio)")
     r.add_argument("--sandbox", default=None, help="the folder read_file may read")
     r.add_argument("--tool-choice", default="required", choices=["auto", "required"],
                    help="required: every turn is a tool call and the run ends with final_answer (suits "
@@ -68,7 +65,6 @@ def add_agent_parser(sub, add_model_args) -> None:
     rs.add_argument("run_id", help="the run's id")
     rs.add_argument("--store", default=None, help="the agent store's SQLite file")
     rs.add_argument("--sandbox", default=None, help="the folder read_file may read")
-    rs.add_argument("--mcp", default=None, metavar="CONFIG", help="the MCP servers the run used")
     add_model_args(rs)
     rs.set_defaults(func=cmd_agent_resume)
 
@@ -121,29 +117,6 @@ def _tools(args):
         return resolve_tools(names, sandbox=args.sandbox)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
-
-
-async def _with_mcp(args, reg, body):
-    """Run `body(reg)` with the tools of --mcp's servers registered, closing them after."""
-    if not args.mcp:
-        return await body(reg)
-    from metroline.agents.mcp import McpToolSource, load_mcp_config
-
-    try:
-        specs = load_mcp_config(args.mcp)
-    except (OSError, ValueError) as e:
-        raise MetrolineError(f"--mcp {args.mcp}: {e}") from None
-    sources = []
-    try:
-        for spec in specs:
-            src = McpToolSource.from_spec(spec)
-            await src.open()
-            sources.append(src)
-            src.register(reg)
-        return await body(reg)
-    finally:
-        for src in sources:
-            await src.aclose()
 
 
 def _model(args):
@@ -200,7 +173,7 @@ def cmd_agent_run(args) -> int:
         return run_id
 
     try:
-        run_id = asyncio.run(_with_mcp(args, reg, body))
+        run_id = asyncio.run(body(reg))
     finally:
         model.engine.shutdown()
     rec = store.get_run(run_id)
@@ -264,7 +237,7 @@ def cmd_agent_resume(args) -> int:
         await rt.wait(rec.id)
 
     try:
-        asyncio.run(_with_mcp(args, reg, body))
+        asyncio.run(body(reg))
     finally:
         model.engine.shutdown()
     rec = store.get_run(rec.id)
