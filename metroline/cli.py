@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     from metroline.agents.cli import add_agent_parser  # agent run | show | list | resume
     from metroline.bench.cli import add_bench_parser  # bench serve | compare | roofline
 
-    add_agent_parser(sub, _add_model_args)
+    add_agent_parser(sub, _add_model_args, _make_llm)
     add_bench_parser(sub)
     return parser
 

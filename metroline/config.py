@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from metroline.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from metroline.engine.policy import SchedulingPolicy
 
 
 # How weights may be held (platform.resolve_weights): packed as stored, quantized at load into
@@ -65,14 +60,18 @@ class CacheConfig:
                  f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)}", "kv_cache_dtype")
 
 
+# The names engine/policy.POLICIES maps to policy classes.
+SCHEDULING_POLICIES = ("fcfs", "priority", "plas")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's context length
-    # A name in engine/policy.POLICIES ("fcfs", "priority", "plas": program-level least
+    # A name in SCHEDULING_POLICIES ("fcfs", "priority", "plas": program-level least
     # attained service), or a SchedulingPolicy instance (one per engine: it holds state).
-    policy: "str | SchedulingPolicy" = "fcfs"
+    policy: "str | object" = "fcfs"  # object: an engine.policy.SchedulingPolicy
     enable_chunked_prefill: bool = True
     # Requests allowed to wait; beyond it add_request says no (the server answers 429).
     max_queued_requests: int | None = None
@@ -83,11 +82,11 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0",
                  "max_num_batched_tokens")
         _require(self.max_num_seqs > 0, "max_num_seqs must be > 0", "max_num_seqs")
-        from metroline.engine.policy import POLICIES, SchedulingPolicy
-
-        _require(isinstance(self.policy, SchedulingPolicy)
-                 or (isinstance(self.policy, str) and self.policy in POLICIES),
-                 f"policy must be one of {', '.join(map(repr, POLICIES))} or a SchedulingPolicy",
+        # A policy object is anything with the SchedulingPolicy interface (engine/policy.py,
+        # which config, below the engine, does not import).
+        _require((isinstance(self.policy, str) and self.policy in SCHEDULING_POLICIES)
+                 or (not isinstance(self.policy, (str, type)) and callable(getattr(self.policy, "sort_key", None))),
+                 f"policy must be one of {', '.join(map(repr, SCHEDULING_POLICIES))} or a SchedulingPolicy",
                  "policy")
         _require(self.max_queued_requests is None or self.max_queued_requests >= 0,
                  "max_queued_requests must be >= 0", "max_queued_requests")

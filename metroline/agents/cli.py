@@ -22,7 +22,9 @@ _BUDGET_FLAGS = (("--max-steps", "max_steps", int, "model calls at most"),
                  ("--max-tokens-per-call", "max_tokens_per_call", int, "output tokens per model call at most"))
 
 
-def add_agent_parser(sub, add_model_args) -> None:
+def add_agent_parser(sub, add_model_args, make_llm) -> None:
+    """`add_model_args(parser)` adds the engine flags, `make_llm(args, command)` builds the LLM
+    from them (both metroline/cli.py's, passed in so this module does not import it)."""
     a = sub.add_parser("agent", help="run an agent (tools, guards, budgets) and read its traces",
                        description="Agent runs on the model: each step printed as it happens, every step "
                                    "kept in the agent store.")
@@ -44,7 +46,7 @@ def add_agent_parser(sub, add_model_args) -> None:
     r.add_argument("--store", default=None, help="the agent store's SQLite file (default: under $METROLINE_DATA_DIR)")
     r.add_argument("--json", action="store_true", help="print the finished run as JSON instead of the steps")
     add_model_args(r)
-    r.set_defaults(func=cmd_agent_run)
+    r.set_defaults(func=cmd_agent_run, make_llm=make_llm)
 
     s = asub.add_parser("show", help="print a stored run and its trace",
                         description="Print a run from the agent store with every step of its trace.")
@@ -66,7 +68,7 @@ def add_agent_parser(sub, add_model_args) -> None:
     rs.add_argument("--store", default=None, help="the agent store's SQLite file")
     rs.add_argument("--sandbox", default=None, help="the folder read_file may read")
     add_model_args(rs)
-    rs.set_defaults(func=cmd_agent_resume)
+    rs.set_defaults(func=cmd_agent_resume, make_llm=make_llm)
 
 
 def _store(path):
@@ -120,12 +122,11 @@ def _tools(args):
 
 
 def _model(args):
-    from metroline.cli import _make_llm  # the engine flags, the banner
     from metroline.agents.model import EngineChatModel
     from metroline.engine.async_engine import AsyncEngine
 
     args.speculative = getattr(args, "speculative", None)
-    llm = _make_llm(args, "agent")
+    llm = args.make_llm(args, "agent")
     return EngineChatModel(AsyncEngine(llm.engine), name=llm.loaded.source.name)
 
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from metroline.config import SCHEDULING_POLICIES
+
 if TYPE_CHECKING:
     from metroline.engine.request import Request
 
@@ -169,6 +171,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
     "priority": PriorityPolicy,
     "plas": ProgramLeastAttainedPolicy,
 }
+assert tuple(POLICIES) == SCHEDULING_POLICIES
 
 
 def make_policy(policy: "str | SchedulingPolicy") -> SchedulingPolicy:
