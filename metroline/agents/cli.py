@@ -220,10 +220,8 @@ def cmd_agent_resume(args) -> int:
         raise MetrolineError(f"no run {args.run_id!r} in {store.path}")
     if rec.finished:
         raise MetrolineError(f"run {rec.id} already ended ({rec.status})")
-    builtin = [t for t in rec.tools if t in ("calculator", "clock", "notebook_set", "notebook_get",
-                                             "notebook_list", "read_file")]
     try:
-        reg = resolve_tools(builtin, sandbox=args.sandbox)
+        reg = resolve_tools(rec.tools, sandbox=args.sandbox)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
     model = _model(args)

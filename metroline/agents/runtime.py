@@ -210,16 +210,26 @@ class Governor:
             return self.stop
         if b.max_steps is not None and self.steps >= b.max_steps:
             return GuardStop("max_steps", f"{self.steps} model calls, the limit is {b.max_steps}")
-        if b.max_tool_calls is not None and self.tool_calls >= b.max_tool_calls:
-            return GuardStop("max_tool_calls", f"{self.tool_calls} tool calls, the limit is {b.max_tool_calls}")
         if b.max_tokens is not None and self.input_tokens + self.output_tokens >= b.max_tokens:
             return GuardStop("token_budget", f"{self.input_tokens + self.output_tokens} tokens used, "
                                              f"the budget is {b.max_tokens}")
         if b.max_cost is not None and self.cost >= b.max_cost:
             return GuardStop("cost_budget", f"cost {self.cost:.6g} reached the budget {b.max_cost:g}")
+        return self._tool_calls_or_time_spent()
+
+    def _tool_calls_or_time_spent(self) -> GuardStop | None:
+        """The limits that stop both the next model call and the next tool call."""
+        b = self.budgets
+        if b.max_tool_calls is not None and self.tool_calls >= b.max_tool_calls:
+            return GuardStop("max_tool_calls", f"{self.tool_calls} tool calls, the limit is {b.max_tool_calls}")
         if self.time_left() <= 0:
             return GuardStop("deadline", f"the run's deadline of {b.deadline_s:g} s passed")
         return None
+
+    def _tool_spent(self, name: str) -> int | None:
+        """The tool's own limit when the run has used it up, else None."""
+        limit = self.budgets.limit_for(name)
+        return limit if limit is not None and self.per_tool.get(name, 0) >= limit else None
 
     def max_tokens_now(self) -> int:
         """Output tokens the next call may use: per call, within what the token budget leaves."""
@@ -233,8 +243,7 @@ class Governor:
         loop detector, not over their own budget, breaker not open."""
         out = []
         for n in names:
-            limit = self.budgets.limit_for(n)
-            if n in self.removed or (limit is not None and self.per_tool.get(n, 0) >= limit):
+            if n in self.removed or self._tool_spent(n) is not None:
                 continue
             b = self.breakers.get(n)
             if b is not None and b.state is BreakerState.OPEN and b.retry_in() > 0:
@@ -245,15 +254,13 @@ class Governor:
     def check_tool_call(self, name: str) -> tuple[str, str] | GuardStop | None:
         """None: the call may run. (kind, message): refused, the message is the model's
         observation. GuardStop: the run must end."""
-        b = self.budgets
-        if b.max_tool_calls is not None and self.tool_calls >= b.max_tool_calls:
-            return GuardStop("max_tool_calls", f"{self.tool_calls} tool calls, the limit is {b.max_tool_calls}")
-        if self.time_left() <= 0:
-            return GuardStop("deadline", f"the run's deadline of {b.deadline_s:g} s passed")
+        stop = self._tool_calls_or_time_spent()
+        if stop is not None:
+            return stop
         if name in self.removed:
             return ("tool_removed", f"error: {name} was taken away because the run kept repeating it")
-        limit = b.limit_for(name)
-        if limit is not None and self.per_tool.get(name, 0) >= limit:
+        limit = self._tool_spent(name)
+        if limit is not None:
             return ("tool_budget", f"error: {name} may be called at most {limit} times in this run")
         br = self.breaker(name)
         if not br.allow():
@@ -359,6 +366,7 @@ class _Active:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.task: asyncio.Task | None = None
+        self.events: list[RunEvent] = []  # the run's whole trace, as recorded (read once at start)
         self.subscribers: list[asyncio.Queue] = []
         self.done = asyncio.Event()
 
@@ -367,7 +375,6 @@ class AgentRuntime:
     def __init__(self, model: ChatModel, tools: ToolRegistry, store: RunStore, *,
                  budgets: Budgets | None = None, guards: GuardConfig | None = None,
                  max_concurrent_runs: int = 64, metrics=None, retention=None,
-                 on_event: Callable[[RunEvent], None] | None = None,
                  mono: Callable[[], float] = time.monotonic,
                  on_tool_latency: Callable[[str, float], None] | None = None):
         """`metrics`: an agents.metrics.AgentMetrics (or None). `retention`: a callable
@@ -382,7 +389,6 @@ class AgentRuntime:
         self.metrics = metrics
         self.latency = ToolLatencyTracker()
         self.retention = retention if retention is not None else self.latency.retention_for
-        self.on_event = on_event
         self.mono = mono  # the breakers' clock (a fake one in tests)
         self.on_tool_latency = on_tool_latency or self.latency.observe  # each tool's latency
         self._slots = asyncio.Semaphore(max_concurrent_runs)
@@ -461,15 +467,8 @@ class AgentRuntime:
             raise KeyError(run_id)
         if rec.finished:
             return False
-        self._record(run_id, "cancelled", {"reason": "cancelled"})
-        self.store.update_run(run_id, status="cancelled", reason="cancelled")
+        self._end(run_id, "cancelled", None, None, "cancelled")
         return True
-
-    def is_active(self, run_id: str) -> bool:
-        return run_id in self._active
-
-    def num_active(self) -> int:
-        return len(self._active)
 
     async def stream(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent]:
         """The run's events from seq `after` on: those stored, then live ones until it ends."""
@@ -521,43 +520,34 @@ class AgentRuntime:
         ev = self.store.append_event(run_id, kind, data)
         a = self._active.get(run_id)
         if a is not None:
+            a.events.append(ev)
             for q in a.subscribers:
                 q.put_nowait(ev)
-        if self.on_event is not None:
-            try:
-                self.on_event(ev)
-            except Exception:
-                logger.exception("on_event hook failed")
         return ev
 
     async def _drive(self, a: _Active, resumed: bool) -> None:
         run_id = a.run_id
-        t0 = time.monotonic()
-        shutdown = False
+        t0 = time.monotonic()  # job completion time counts the wait for a slot
+        started = shutdown = False
         try:
             async with self._slots:
+                started = True
                 if self.metrics is not None:
                     self.metrics.run_started()
-                try:
-                    await self._loop(run_id, resumed)
-                except asyncio.CancelledError as e:
-                    if e.args and e.args[0] == "shutdown":
-                        shutdown = True  # left `running`: the next runtime resumes it
-                    else:
-                        self._end(run_id, "cancelled", None, None, "cancelled")
-                    raise
-                except Exception as e:
-                    logger.exception("agent run %s failed", run_id)
-                    self._record(run_id, "error", {"message": f"{type(e).__name__}: {e}"})
-                    self._end(run_id, "failed", None, None, f"{type(e).__name__}: {e}")
-                finally:
-                    if self.metrics is not None:
-                        rec = self.store.get_run(run_id)
-                        self.metrics.run_ended(rec.status if rec else "failed", time.monotonic() - t0,
-                                               finished=not shutdown)
-        except asyncio.CancelledError:
-            pass
+                await self._loop(a, resumed)
+        except asyncio.CancelledError as e:
+            shutdown = bool(e.args) and e.args[0] == "shutdown"  # left `running` for the next runtime
+            if not shutdown:
+                self._end(run_id, "cancelled", None, None, "cancelled")
+        except Exception as e:
+            logger.exception("agent run %s failed", run_id)
+            self._record(run_id, "error", {"message": f"{type(e).__name__}: {e}"})
+            self._end(run_id, "failed", None, None, f"{type(e).__name__}: {e}")
         finally:
+            if started and self.metrics is not None:
+                rec = self.store.get_run(run_id)
+                self.metrics.run_ended(rec.status if rec else "failed", time.monotonic() - t0,
+                                       finished=not shutdown)
             release = getattr(self.model, "release_session", None)
             if release is not None and not shutdown:
                 try:  # the run's KV pin (kv_retention_s between tool calls) is no longer needed
@@ -578,18 +568,18 @@ class AgentRuntime:
             self._record(run_id, "cancelled", {"reason": reason})
         self.store.update_run(run_id, **fields_)
 
-    async def _loop(self, run_id: str, resumed: bool) -> None:
+    async def _loop(self, a: _Active, resumed: bool) -> None:
+        run_id = a.run_id
         rec = self.store.get_run(run_id)
         budgets = Budgets.from_dict(rec.budgets)
         gov = Governor(budgets, self.guards, rec.created_at, mono=self.mono)
-        events = self.store.events(run_id)
+        a.events = events = self.store.events(run_id)
         for ev in events:
             gov.apply(ev)
         self.store.update_run(run_id, status="running")
+        calls, started = _pending_calls(events)
         if resumed:
             self._record(run_id, "resumed", {"after_seq": events[-1].seq if events else 0})
-
-        calls, started = _pending_calls(events)
         stop = None
         required = rec.metadata.get("tool_choice") == "required"
         choice = {"tool_choice": "required"} if required else {}  # a ChatModel may not know the keyword
@@ -607,7 +597,7 @@ class AgentRuntime:
             specs = self.tools.specs(allowed) if allowed else []
             if required:
                 specs.append(FINAL_ANSWER_SPEC)
-            msgs = transcript(rec, self.store.events(run_id))
+            msgs = transcript(rec, a.events)
             hints = CallHints(session_id=run_id, program_id=run_id,
                               kv_retention_s=self.retention(allowed) if self.retention and allowed else None)
             timeout = min(budgets.model_call_timeout_s, max(0.0, gov.time_left()))
@@ -624,7 +614,7 @@ class AgentRuntime:
                 gov.apply(self._record(run_id, "guard", {"guard": stop.guard, "action": "stop",
                                                          "reason": stop.reason}))
                 break
-            calls = [c for c in turn.tool_calls]
+            calls = list(turn.tool_calls)
             ev = self._record(run_id, "model_call", {
                 "step": gov.steps + 1, "content": turn.content, "finish_reason": turn.finish_reason,
                 "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
@@ -649,7 +639,7 @@ class AgentRuntime:
         if self.metrics is not None:
             self.metrics.guard_trip(stop.guard)
         answer, in_t, out_t = None, 0, 0
-        msgs = transcript(rec, self.store.events(run_id))
+        msgs = transcript(rec, a.events)
         msgs.append({"role": "user", "content": FINAL_ANSWER_PROMPT.format(reason=stop.reason)})
         try:
             turn = await asyncio.wait_for(self.model.complete(
@@ -693,7 +683,7 @@ class AgentRuntime:
     async def _one_call(self, run_id: str, rec: RunRecord, gov: Governor, call: ModelCall,
                         retry: bool = False) -> GuardStop | None:
         base = {"call_id": call.id, "name": call.name, "arguments": call.arguments}
-        if call.name not in rec.tools:
+        if call.name not in rec.tools or call.name not in self.tools:
             return self._finish_call(run_id, gov, {**base, "ok": False, "refused": True, "error": "unknown_tool",
                                                    "content": f"error: no tool named {call.name!r} in this run "
                                                               f"(tools: {', '.join(rec.tools)})"})

@@ -101,7 +101,7 @@ class RunStore(ABC):
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod
-    def update_run(self, run_id: str, **fields: Any) -> RunRecord: ...
+    def update_run(self, run_id: str, **fields: Any) -> None: ...
 
     @abstractmethod
     def append_event(self, run_id: str, kind: str, data: dict) -> RunEvent: ...
@@ -195,7 +195,7 @@ class SQLiteRunStore(RunStore):
                                    (run_id,)).fetchone()
         return self._row(row) if row else None
 
-    def update_run(self, run_id: str, **fields: Any) -> RunRecord:
+    def update_run(self, run_id: str, **fields: Any) -> None:
         fields.setdefault("updated_at", time.time())
         _check_fields(fields)
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -204,7 +204,6 @@ class SQLiteRunStore(RunStore):
             cur = self._db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values, run_id])
         if cur.rowcount == 0:
             raise KeyError(run_id)
-        return self.get_run(run_id)
 
     def append_event(self, run_id: str, kind: str, data: dict) -> RunEvent:
         ts = time.time()

@@ -263,3 +263,30 @@ def test_transcript_is_rebuilt_from_events_alone(store):
     assert msgs[0] == {"role": "system", "content": "be terse"} and msgs[1]["content"] == "2^10?"
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "2**10"}'}
     assert msgs[3]["content"] == "1024" and msgs[4] == {"role": "assistant", "content": "1024"}
+
+
+def test_a_run_cancelled_while_it_waits_for_a_slot_ends_cancelled(store):
+    reg = ToolRegistry()
+    started = asyncio.Event()
+
+    @reg.tool(timeout_s=60)
+    async def hold() -> str:
+        """Holds the only slot."""
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    async def scenario():
+        rt = AgentRuntime(ScriptedModel([{"tool": "hold"}]), reg, store, max_concurrent_runs=1)
+        first = await rt.start("hold the slot")
+        await asyncio.wait_for(started.wait(), 10)
+        second = await rt.start("wait for it")
+        await asyncio.sleep(0.05)
+        assert store.get_run(second).status == "queued"
+        assert await rt.cancel(second) is True
+        assert await rt.cancel(first) is True
+        return await rt.wait(first), await rt.wait(second)
+
+    first, second = _run(scenario())
+    assert first.status == second.status == "cancelled"
+    assert kinds(second) == ["cancelled"]
