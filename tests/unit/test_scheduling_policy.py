@@ -98,31 +98,35 @@ def test_registry_and_config_accept_names_and_instances():
 
 # ---------------------------------------------------------------- PLAS
 
-def test_plas_admits_fresh_program_before_one_that_had_lots_of_service():
-    clock = Clock()
-    s = make_sched("plas", clock=clock)
-    # Program "long" has its first call served alone: 200 prompt + 4 decode positions.
+def _long_program_then_a_fresh_one(s, clock, after_first=None) -> list[str]:
+    """Program "long" has its first call served alone (200 prompt positions + decodes); then its
+    next call arrives just before a new program's first one. The second finish order."""
     s.add_request(make_req("long-1", n=200, program="long"))
     assert finish_order(s, clock) == ["long-1"]
-    assert s.policy.attained_service("long") == 200 + 3  # 200 prefill + 3 decodes (4th token ends it)
-    # Its next call arrives before a new program's first one; one slot: the fresh one goes first.
+    if after_first is not None:
+        after_first()
     clock.t += 0.001
     s.add_request(make_req("long-2", n=220, program="long"))
     clock.t += 0.001
     s.add_request(make_req("short-1", n=20, program="short"))
-    assert finish_order(s, clock) == ["short-1", "long-2"]
+    return finish_order(s, clock)
+
+
+def test_plas_admits_fresh_program_before_one_that_had_lots_of_service():
+    clock = Clock()
+    s = make_sched("plas", clock=clock)
+
+    def check_service():
+        assert s.policy.attained_service("long") == 200 + 3  # 200 prefill + 3 decodes (4th token ends it)
+
+    # One slot: the fresh program goes first.
+    assert _long_program_then_a_fresh_one(s, clock, check_service) == ["short-1", "long-2"]
 
 
 def test_fcfs_serves_the_same_workload_in_arrival_order():
     clock = Clock()
     s = make_sched("fcfs", clock=clock)
-    s.add_request(make_req("long-1", n=200, program="long"))
-    finish_order(s, clock)
-    clock.t += 0.001
-    s.add_request(make_req("long-2", n=220, program="long"))
-    clock.t += 0.001
-    s.add_request(make_req("short-1", n=20, program="short"))
-    assert finish_order(s, clock) == ["long-2", "short-1"]
+    assert _long_program_then_a_fresh_one(s, clock) == ["long-2", "short-1"]
 
 
 def test_plas_service_is_per_program_not_per_request():
