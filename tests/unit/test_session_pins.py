@@ -152,9 +152,13 @@ def test_pins_yield_to_a_waiting_request_while_others_run():
     out = sched.schedule()
     assert [s.request.request_id for s in out.scheduled] == ["runner", "new"]
     assert list(kv.pins) == ["sess1"]  # only the oldest pin was given up
-    while sched.has_unfinished_requests():
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"runner": [1], "new": [1]}))
+    for _ in range(200):
+        if not sched.has_unfinished_requests():
+            break
         out = sched.schedule()
         sched.update_from_output(out, ModelRunnerOutput.from_token_ids(
             {s.request.request_id: [1] for s in out.scheduled if s.sample}))
+    assert runner.is_finished and new.is_finished
     kv.release_session("sess1")
     assert_no_leak(kv)
