@@ -192,9 +192,10 @@ class Scheduler:
             req.spec_token_ids.clear()  # a request drafts only once it decodes
             req.spec_probs = None
             if self.kv.allocate_slots(req, num_new, hits) is None:
-                # With nothing running, only pins can hold the memory it needs: release them
-                # (oldest first) rather than wait for their expiry.
-                if not self.running and self.kv.release_oldest_pin():
+                # Pins yield to queued work too (oldest first): a pin is a bet that its
+                # session's next turn comes soon, the request at the head is work now, and
+                # holding its admission until the pins expire would shrink the batch.
+                if self.kv.release_oldest_pin():
                     continue
                 break
             self.waiting.popleft()

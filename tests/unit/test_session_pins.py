@@ -132,3 +132,33 @@ def test_pins_yield_to_work_that_needs_their_memory():
     assert big.is_finished and sched.num_preemptions == 0
     kv.release_session("sess1")
     assert_no_leak(kv)
+
+
+def test_pins_yield_to_a_waiting_request_while_others_run():
+    """Pins must not hold a queued request's admission until they expire (the batch would
+    shrink to what is running): the oldest pin goes first, the younger one stays."""
+    kv = KVCacheManager(10, BS, max_pinned_fraction=0.9)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=256), kv, BS, max_model_len=160)
+    for i in range(2):  # two finished sessions pin 3 blocks each: 6 of 10 blocks
+        r = req(f"s{i}", range(100 * i, 100 * i + 3 * BS + 1), session=f"sess{i}", retention=600.0)
+        sched.add_request(r)
+        sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({r.request_id: [1]}))
+    runner = req("runner", range(700, 700 + BS + 4), max_tokens=50)  # 2 blocks, keeps running
+    sched.add_request(runner)
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({"runner": [1]}))
+    assert kv.num_pinned_blocks == 6 and kv.num_free_blocks == 2 and sched.num_running == 1
+    new = req("new", range(500, 500 + 2 * BS + 3), max_tokens=2)  # needs 3 blocks
+    sched.add_request(new)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["runner", "new"]
+    assert list(kv.pins) == ["sess1"]  # only the oldest pin was given up
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"runner": [1], "new": [1]}))
+    for _ in range(200):
+        if not sched.has_unfinished_requests():
+            break
+        out = sched.schedule()
+        sched.update_from_output(out, ModelRunnerOutput.from_token_ids(
+            {s.request.request_id: [1] for s in out.scheduled if s.sample}))
+    assert runner.is_finished and new.is_finished
+    kv.release_session("sess1")
+    assert_no_leak(kv)
