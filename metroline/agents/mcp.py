@@ -184,13 +184,15 @@ class McpToolSource:
 
     def __init__(self, command: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
                  cwd: str | None = None, name: str | None = None, startup_timeout_s: float = 30.0,
-                 stderr=None):
-        """stderr: None keeps the server's stderr (last lines in errors, DEBUG log lines); a file
-        object with a fileno (e.g. sys.stderr) passes it through instead."""
+                 close_timeout_s: float = 15.0, stderr=None):
+        """startup_timeout_s bounds initialize + tools/list; close_timeout_s bounds a close (the
+        SDK's own stop sequence takes at most ~7 s). stderr: None keeps the server's stderr (last
+        lines in errors, DEBUG log lines); a file object with a fileno (e.g. sys.stderr) passes
+        it through instead."""
         self.command, self.args = command, [str(a) for a in args]
         self.env, self.cwd = dict(env) if env else None, cwd
         self.name = name or _default_name([command, *self.args]) or "mcp"
-        self.startup_timeout_s = startup_timeout_s
+        self.startup_timeout_s, self.close_timeout_s = startup_timeout_s, close_timeout_s
         self._stderr_file = stderr
         self._stderr: _StderrTail | None = None
         self._thread: threading.Thread | None = None
@@ -242,7 +244,8 @@ class McpToolSource:
         return self
 
     async def aclose(self) -> None:
-        """Stop the server (calls in flight fail) and wait until its process is reaped."""
+        """Stop the server (calls in flight fail) and wait until its process is reaped; a no-op
+        when not open. McpSourceError if it takes over close_timeout_s."""
         await asyncio.to_thread(self._shutdown)
 
     def close(self) -> None:
@@ -258,7 +261,9 @@ class McpToolSource:
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 loop.call_soon_threadsafe(self._signal_stop)
-        thread.join()
+        thread.join(self.close_timeout_s)
+        if thread.is_alive():  # never expected: the SDK bounds every wait; do not hang the caller
+            raise McpSourceError(f"MCP server {self.name!r} did not stop within {self.close_timeout_s:g} s")
         self._thread = self._loop = self._main = self._stop = None
 
     def _signal_stop(self) -> None:
@@ -450,7 +455,7 @@ class McpServerSpec:
     cwd: str | None = None
 
     def source(self, **kw) -> McpToolSource:
-        """An McpToolSource for this server (kw: startup_timeout_s, stderr)."""
+        """An McpToolSource for this server (kw: startup_timeout_s, close_timeout_s, stderr)."""
         return McpToolSource(self.command, self.args, env=self.env, cwd=self.cwd, name=self.name, **kw)
 
 

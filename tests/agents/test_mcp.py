@@ -146,7 +146,7 @@ def test_register_is_all_or_nothing_on_a_name_clash(src):
 @needs_mcp
 def test_closing_reaps_the_subprocess_and_fails_calls_in_flight():
     async def go():
-        async with fixture_source() as s:
+        async with fixture_source(close_timeout_s=8) as s:
             reg = ToolRegistry()
             s.register(reg, timeout_s=60)
             pid = int((await reg.call("pid", {})).content)
@@ -163,7 +163,7 @@ def test_closing_reaps_the_subprocess_and_fails_calls_in_flight():
         await s.aclose()  # a second close is a no-op
 
     t0 = time.perf_counter()
-    run(go())
+    run(go(), timeout_s=30)
     assert time.perf_counter() - t0 < 15
 
 
