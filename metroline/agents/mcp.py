@@ -307,8 +307,11 @@ class McpToolSource:
                         has_tools = getattr(_attr(init, "capabilities"), "tools", None) is not None
                         self.mcp_tools = await _list_tools(session) if has_tools else []
                     self.server_info = _attr(init, "server_info", "serverInfo")
+                    try:
+                        ready.set_result(None)
+                    except concurrent.futures.InvalidStateError:  # open() gave up (cancelled)
+                        return
                     self._session = session
-                    ready.set_result(None)
                     try:
                         await self._stop.wait()
                     finally:

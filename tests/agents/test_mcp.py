@@ -20,6 +20,8 @@ from metroline.agents.mcp import (McpConfigError, McpServerSpec, McpSourceError,
 from metroline.agents.tools import Tool, ToolError, ToolRegistry
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "mcp_server_fixture.py")
+# a process that never speaks MCP; it writes its pid to argv[1] so a test can check it was reaped
+SILENT = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
 needs_mcp = pytest.mark.skipif(importlib.util.find_spec("mcp") is None,
                                reason="the `mcp` SDK is not installed (pip install metroline[mcp])")
 
@@ -187,8 +189,7 @@ def test_a_server_that_cannot_start_gives_a_clear_error(tmp_path):
 
     # runs but never answers: the startup timeout, and the process is killed
     pid_file = tmp_path / "pid"
-    script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
-    silent = McpToolSource(sys.executable, ["-c", script, str(pid_file)], name="silent", startup_timeout_s=1)
+    silent = McpToolSource(sys.executable, ["-c", SILENT, str(pid_file)], name="silent", startup_timeout_s=1)
     t0 = time.perf_counter()
     with pytest.raises(McpSourceError, match=r"'silent'.*no answer to initialize within 1 s"):
         run(silent.open())
@@ -197,6 +198,14 @@ def test_a_server_that_cannot_start_gives_a_clear_error(tmp_path):
     assert not silent.is_open
     with pytest.raises(McpSourceError, match="not open"):
         silent.tools()
+
+
+@needs_mcp
+def test_an_open_given_up_on_mid_start_takes_the_process_down(tmp_path):
+    pid_file = tmp_path / "pid"
+    with pytest.raises(asyncio.TimeoutError):
+        run(asyncio.wait_for(McpToolSource(sys.executable, ["-c", SILENT, str(pid_file)]).open(), 1.5))
+    assert reaped(int(pid_file.read_text()))
 
 
 @needs_mcp
