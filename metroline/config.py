@@ -148,6 +148,7 @@ class ServerConfig:
     # /metrics needs the API key unless it is public, or the scraper sends this bearer token.
     metrics_token: str | None = None
     public_metrics: bool = False
+    store_path: str | None = None  # the Responses API's SQLite store; None: agents.store.default_store_path()
 
     def __post_init__(self):
         if self.max_request_body_bytes <= 0:

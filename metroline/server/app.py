@@ -193,6 +193,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     """An OpenAI-compatible app over a running AsyncEngine (the caller owns the engine)."""
     from metroline import __version__
     from metroline.server.openai import add_routes
+    from metroline.server.responses import add_routes as add_responses_routes
 
     config = config or ServerConfig()
     state = ServerState(engine, config)
@@ -259,6 +260,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         return {"version": __version__}
 
     add_routes(app)
+    add_responses_routes(app)
     return app
 
 
