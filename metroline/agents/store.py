@@ -122,6 +122,10 @@ class RunStore(ABC):
     @abstractmethod
     def get_response(self, response_id: str) -> dict | None: ...
 
+    def delete_response(self, response_id: str) -> bool:
+        """Forget a stored response; False if there was none."""
+        raise NotImplementedError
+
     def response_chain(self, response_id: str, max_depth: int = 1000) -> list[dict]:
         """The responses from the first of a previous_response_id chain to this one; [] if
         the id is unknown."""
@@ -248,6 +252,11 @@ class SQLiteRunStore(RunStore):
         with self._lock:
             row = self._db.execute("SELECT data FROM responses WHERE id = ?", (response_id,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def delete_response(self, response_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+        return cur.rowcount > 0
 
     def close(self) -> None:
         with self._lock:

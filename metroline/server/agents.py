@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from metroline.agents.metrics import AgentMetrics
 from metroline.agents.model import EngineChatModel
 from metroline.agents.runtime import AgentRuntime, Budgets
-from metroline.agents.store import RUN_STATUSES, RunRecord, SQLiteRunStore
+from metroline.agents.store import RUN_STATUSES, RunRecord
 from metroline.agents.tools import builtin_tools
 from metroline.server.protocol import APIError, bad_request
 
@@ -51,9 +51,8 @@ def agents_of(state):
     rt = getattr(state, "agent_runtime", None)
     if rt is None:
         cfg = state.config
-        state.agent_store = getattr(state, "agent_store", None) or SQLiteRunStore(cfg.agent_store_path)
         model = EngineChatModel(state.engine, name=state.model_names[0], tokenizer=state.tokenizer)
-        rt = AgentRuntime(model, builtin_tools(sandbox=cfg.agent_sandbox), state.agent_store,
+        rt = AgentRuntime(model, builtin_tools(sandbox=cfg.agent_sandbox), state.store,
                           max_concurrent_runs=cfg.agent_max_runs, metrics=AgentMetrics(state.metrics.registry))
         state.agent_runtime = rt
     return rt

@@ -194,6 +194,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     from metroline import __version__
     from metroline.server import agents
     from metroline.server.openai import add_routes
+    from metroline.server.responses import add_routes as add_responses_routes
 
     config = config or ServerConfig()
     state = ServerState(engine, config)
@@ -263,6 +264,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     add_routes(app)
     agents.add_routes(app)
+    add_responses_routes(app)
     return app
 
 

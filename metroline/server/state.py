@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 import time
 
+from metroline.agents.store import RunStore, SQLiteRunStore
 from metroline.config import ServerConfig
 from metroline.engine.async_engine import AsyncEngine
 from metroline.server.metrics import ServerMetrics
@@ -41,6 +43,17 @@ class ServerState:
         self.draining = False
         self._drain_now: asyncio.Event | None = None
         self.metrics = ServerMetrics(engine.get_stats, self._gauges, self.model_names[0])
+        self._store: RunStore | None = None
+        self._store_lock = threading.Lock()
+
+    @property
+    def store(self) -> RunStore:
+        """The one store of agent runs and stored responses (SQLite at
+        config.agent_store_path, default under $METROLINE_DATA_DIR), opened on first use."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = SQLiteRunStore(self.config.agent_store_path)
+            return self._store
 
     def _gauges(self) -> dict:
         return {"engine_alive": int(self.engine.is_alive), "draining": int(self.draining),
