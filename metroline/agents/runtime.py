@@ -37,7 +37,7 @@ from metroline.agents.guards import CircuitBreaker, BreakerState, Escalation, Lo
 from metroline.agents.model import CallHints, ChatModel, ModelCall, ModelTurn
 from metroline.agents.serving import ToolLatencyTracker
 from metroline.agents.store import FINISHED_STATUSES, RunEvent, RunRecord, RunStore, new_run_id
-from metroline.agents.tools import ToolRegistry, ToolResult
+from metroline.agents.tools import ToolRegistry, ToolResult, replay_notebook, run_notebook
 
 __all__ = ["Budgets", "GuardConfig", "Governor", "GuardStop", "AgentRuntime", "RunResult", "transcript",
            "DEFAULT_SYSTEM_PROMPT"]
@@ -369,6 +369,7 @@ class _Active:
         self.events: list[RunEvent] = []  # the run's whole trace, as recorded (read once at start)
         self.subscribers: list[asyncio.Queue] = []
         self.done = asyncio.Event()
+        self.notebook: dict = {}  # the run's notes (notebook tools), replayed from its trace
 
 
 class AgentRuntime:
@@ -576,6 +577,8 @@ class AgentRuntime:
         a.events = events = self.store.events(run_id)
         for ev in events:
             gov.apply(ev)
+        a.notebook = replay_notebook((ev.data.get("name"), ev.data.get("arguments")) for ev in events
+                                     if ev.kind == "tool_finished" and ev.data.get("ok"))
         self.store.update_run(run_id, status="running")
         calls, started = _pending_calls(events)
         if resumed:
@@ -705,9 +708,11 @@ class AgentRuntime:
         gov.apply(self._record(run_id, "tool_started", {**base, "idempotent": tool.idempotent, "retry": retry}))
         before = gov.breaker(call.name).state
         left = gov.time_left()
+        act = self._active.get(run_id)
         try:
-            result = await asyncio.wait_for(self.tools.call(call.name, call.arguments), left) \
-                if math.isfinite(left) else await self.tools.call(call.name, call.arguments)
+            with run_notebook(act.notebook if act is not None else {}):
+                result = await asyncio.wait_for(self.tools.call(call.name, call.arguments), left) \
+                    if math.isfinite(left) else await self.tools.call(call.name, call.arguments)
         except asyncio.TimeoutError:
             result = ToolResult(call.name, False, f"error: {call.name} was cut off by the run's deadline",
                                 "deadline", max(0.0, left))

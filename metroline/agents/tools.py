@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
+import contextvars
 import enum
 import inspect
 import json
@@ -299,11 +301,53 @@ def calculate(expression: str) -> float | int:
     return value
 
 
+# The notebook of the agent run whose tool call is running (set by the runtime around each call;
+# asyncio tasks and to_thread carry it along). None: the registry's own notebook.
+_RUN_NOTEBOOK: contextvars.ContextVar[dict | None] = contextvars.ContextVar("metroline_run_notebook",
+                                                                           default=None)
+NOTEBOOK_WRITE = "notebook_set"
+
+
+@contextlib.contextmanager
+def run_notebook(book: dict):
+    """Inside this block the notebook tools read and write `book` (one agent run's notes)."""
+    token = _RUN_NOTEBOOK.set(book)
+    try:
+        yield book
+    finally:
+        _RUN_NOTEBOOK.reset(token)
+
+
+def replay_notebook(calls) -> dict:
+    """A run's notebook rebuilt from its successful tool calls, (name, arguments) in order:
+    the notes are the fold of its notebook_set calls, so they live in the run's trace and come
+    back with it after a restart (no second copy to keep in step)."""
+    book: dict = {}
+    for name, arguments in calls:
+        if name != NOTEBOOK_WRITE:
+            continue
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                continue
+        if isinstance(arguments, dict) and isinstance(arguments.get("key"), str) \
+                and isinstance(arguments.get("value"), str):
+            book[arguments["key"]] = arguments["value"][:100_000]
+    return book
+
+
 def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> ToolRegistry:
-    """calculator, clock, notebook_set / notebook_get / notebook_list (state in `notebook`, a dict
-    the caller may persist), and read_file under `sandbox` (only when a folder is given)."""
+    """calculator, clock, notebook_set / notebook_get / notebook_list, and read_file under
+    `sandbox` (only when a folder is given). The notebook is the agent run's own (run_notebook,
+    set by AgentRuntime: each run sees only its notes, kept in its trace); called outside a run
+    the tools use `notebook`, a dict the caller may persist (a fresh one by default)."""
     reg = ToolRegistry()
-    book = {} if notebook is None else notebook
+    own = {} if notebook is None else notebook
+
+    def _book() -> dict:
+        book = _RUN_NOTEBOOK.get()
+        return own if book is None else book
 
     @reg.tool(timeout_s=5, idempotent=True)
     def calculator(expression: str) -> str:
@@ -332,6 +376,7 @@ def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> T
             key: the note's name
             value: its text
         """
+        book = _book()
         if len(book) >= 1000 and key not in book:
             raise ValueError("the notebook is full (1000 keys)")
         book[key] = value[:100_000]
@@ -344,6 +389,7 @@ def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> T
         Args:
             key: the note's name
         """
+        book = _book()
         if key not in book:
             raise KeyError(f"no note named {key!r}")
         return book[key]
@@ -351,7 +397,7 @@ def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> T
     @reg.tool(timeout_s=5, idempotent=True)
     def notebook_list() -> list[str]:
         """The keys of every note."""
-        return sorted(book)
+        return sorted(_book())
 
     if sandbox is not None:
         root = os.path.realpath(sandbox)

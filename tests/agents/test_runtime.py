@@ -290,3 +290,53 @@ def test_a_run_cancelled_while_it_waits_for_a_slot_ends_cancelled(store):
     first, second = _run(scenario())
     assert first.status == second.status == "cancelled"
     assert kinds(second) == ["cancelled"]
+
+
+def test_the_notebook_is_the_runs_own_and_comes_back_with_it_after_a_restart(store):
+    """Each run has its own notes (another run does not see them); they are kept in the run's
+    trace, so a run resumed by a new runtime reads what it wrote before the restart."""
+    tools = builtin_tools()
+
+    @tools.tool(idempotent=False)
+    async def wait_forever() -> str:
+        """Never returns."""
+        await asyncio.sleep(3600)
+        return "never"
+
+    first = ScriptedModel([{"tool": "notebook_set", "arguments": {"key": "plan", "value": "add 2 and 3"}},
+                           {"tool": "wait_forever", "arguments": {}}])
+
+    async def until_interrupted():
+        rt = AgentRuntime(first, tools, store)
+        run_id = await rt.start("take notes", tools=["notebook_set", "notebook_get", "notebook_list",
+                                                     "wait_forever"])
+        for _ in range(400):
+            if any(e.kind == "tool_started" and e.data["name"] == "wait_forever" for e in store.events(run_id)):
+                break
+            await asyncio.sleep(0.01)
+        await rt.aclose()  # a shutdown leaves the run `running` for the next runtime
+        return run_id
+
+    run_id = _run(until_interrupted())
+    assert store.get_run(run_id).status == "running"
+
+    other = ScriptedModel([{"tool": "notebook_list", "arguments": {}}, "nothing here"])
+    res_other = _run(AgentRuntime(other, tools, store).run("look", tools=["notebook_list"]))
+    listed = [e["content"] for e in res_other.events if e["kind"] == "tool_finished"]
+    assert listed == ["[]"], listed  # not the first run's note
+
+    second = ScriptedModel([{"tool": "notebook_get", "arguments": {"key": "plan"}}, "5"])
+
+    async def resume():  # a new process: a fresh registry, whose notebook starts empty
+        rt = AgentRuntime(second, builtin_tools(), store)
+        await rt.resume(run_id)
+        return await rt.wait(run_id)
+
+    _run(resume())
+    rec = store.get_run(run_id)
+    assert rec.status == "completed" and rec.result == "5"
+    done = [(e.data["name"], e.data["content"]) for e in store.events(run_id) if e.kind == "tool_finished"]
+    assert ("notebook_get", "add 2 and 3") in done, done
+    # The interrupted non-idempotent call was reported, not run again.
+    assert any(e.kind == "tool_unknown" and e.data["name"] == "wait_forever" for e in store.events(run_id))
+    assert _run(tools.call("notebook_list", {})).content == "[]"  # the registry's own was never written
