@@ -3,7 +3,8 @@
 `agent run "task" --tools calculator,notebook` runs an agent on the model (the default one
 unless --model says otherwise) and prints each step as it happens; the run is kept in the
 agent store (--store, default under $METROLINE_DATA_DIR), where `agent show RUN_ID` reads its
-trace back and `agent resume RUN_ID` continues it if it was interrupted.
+trace back and `agent resume RUN_ID` continues it if it was interrupted. `--mcp` adds the tools
+of MCP servers (stdio), each named SERVER__tool.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ _BUDGET_FLAGS = (("--max-steps", "max_steps", int, "model calls at most"),
                  ("--max-tokens-per-call", "max_tokens_per_call", int, "output tokens per model call at most"))
 
 
+_MCP_HELP = ("tools from an MCP server over stdio: 'mcp:[NAME=]COMMAND ARGS...', or a JSON config "
+             "file in Claude Desktop's shape ({\"mcpServers\": {NAME: {command, args, env}}}); each "
+             "tool is named NAME__tool; repeatable (needs pip install 'metroline[mcp]')")
+
+
 def add_agent_parser(sub, add_model_args, make_llm) -> None:
     """`add_model_args(parser)` adds the engine flags, `make_llm(args, command)` builds the LLM
     from them (both metroline/cli.py's, passed in so this module does not import it)."""
@@ -37,6 +43,8 @@ def add_agent_parser(sub, add_model_args, make_llm) -> None:
                    help="comma-separated built-in tools: calculator, clock, notebook, read_file (needs "
                         "--sandbox)")
     r.add_argument("--sandbox", default=None, help="the folder read_file may read")
+    r.add_argument("--mcp", action="append", default=[], metavar="SERVER",
+                   help=_MCP_HELP)
     r.add_argument("--tool-choice", default="required", choices=["auto", "required"],
                    help="required: every turn is a tool call and the run ends with final_answer (suits "
                         "small models such as the default one); auto: the model may answer in text")
@@ -67,6 +75,8 @@ def add_agent_parser(sub, add_model_args, make_llm) -> None:
     rs.add_argument("run_id", help="the run's id")
     rs.add_argument("--store", default=None, help="the agent store's SQLite file")
     rs.add_argument("--sandbox", default=None, help="the folder read_file may read")
+    rs.add_argument("--mcp", action="append", default=[], metavar="SERVER",
+                    help="the MCP servers the run was started with (as for agent run)")
     add_model_args(rs)
     rs.set_defaults(func=cmd_agent_resume, make_llm=make_llm)
 
@@ -111,14 +121,45 @@ def format_event(e: dict) -> str | None:
     return None
 
 
-def _tools(args):
+def _tools(args, names: list[str], strict: bool = True):
+    """A registry of the MCP servers' tools (--mcp, opened now) plus the built-in `names` not
+    among them, and the opened sources (closed by the caller). Not strict (resume): a name that
+    is neither is left out with a warning, and the runtime refuses its calls."""
     from metroline.agents.agent import resolve_tools
+    from metroline.agents.mcp import McpConfigError, McpSourceError, mcp_specs
+    from metroline.agents.tools import ToolError, ToolRegistry, builtin_tools
 
-    names = [t.strip() for t in (getattr(args, "tools", "") or "").split(",") if t.strip()]
+    reg, sources = ToolRegistry(), []
     try:
-        return resolve_tools(names, sandbox=args.sandbox)
-    except ValueError as e:
+        for value in args.mcp:
+            for spec in mcp_specs(value):
+                src = spec.source()
+                asyncio.run(src.open())
+                sources.append(src)
+                src.register(reg, prefix=spec.name)
+        wanted = [n for n in names if n not in reg]
+        if not strict:
+            known = set(builtin_tools(sandbox=args.sandbox).names())
+            for n in wanted:
+                if n not in known:
+                    print(f"warning: the run's tool {n!r} is not available here (an MCP tool needs its "
+                          "--mcp server); its calls will be refused", file=sys.stderr)
+            wanted = [n for n in wanted if n in known]
+        builtin = resolve_tools(wanted, sandbox=args.sandbox)
+        for name in builtin.names():
+            reg.add(builtin[name])
+    except (McpConfigError, McpSourceError, ToolError, ImportError, ValueError) as e:
+        _close(sources)
         raise MetrolineError(str(e)) from None
+    return reg, sources
+
+
+def _close(sources) -> None:
+    for src in sources:
+        try:
+            src.close()
+        except Exception as e:  # a server that will not stop: say so, the run's result stands
+            print(f"warning: {e}", file=sys.stderr)
 
 
 def _model(args):
@@ -132,10 +173,7 @@ def _model(args):
 
 def _print_result(rec, as_json: bool, events=None) -> None:
     if as_json:
-        d = rec.to_dict()
-        if events is not None:
-            d["events"] = [e.to_dict() for e in events]
-        print(json.dumps(d, ensure_ascii=False, indent=2))
+        print(json.dumps(rec.to_json(events), ensure_ascii=False, indent=2))
         return
     u = rec.usage or {}
     print(f"run {rec.id}: {rec.status}" + (f" (ended by {rec.ended_by}: {rec.reason})" if rec.ended_by else "")
@@ -154,9 +192,14 @@ def cmd_agent_run(args) -> int:
         b = Budgets.from_dict(budgets)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
-    reg = _tools(args)
+    names = [t.strip() for t in (args.tools or "").split(",") if t.strip()]
     store = _store(args.store)
-    model = _model(args)
+    reg, sources = _tools(args, names)
+    try:
+        model = _model(args)
+    except BaseException:
+        _close(sources)
+        raise
 
     async def body(reg):
         rt = AgentRuntime(model, reg, store, budgets=b)
@@ -177,6 +220,7 @@ def cmd_agent_run(args) -> int:
         run_id = asyncio.run(body(reg))
     finally:
         model.engine.shutdown()
+        _close(sources)
     rec = store.get_run(run_id)
     _print_result(rec, args.json, store.events(run_id) if args.json else None)
     return 0 if rec.status in ("completed", "stopped") else 1
@@ -211,7 +255,6 @@ def cmd_agent_list(args) -> int:
 
 
 def cmd_agent_resume(args) -> int:
-    from metroline.agents.agent import resolve_tools
     from metroline.agents.runtime import AgentRuntime
 
     store = _store(args.store)
@@ -220,11 +263,12 @@ def cmd_agent_resume(args) -> int:
         raise MetrolineError(f"no run {args.run_id!r} in {store.path}")
     if rec.finished:
         raise MetrolineError(f"run {rec.id} already ended ({rec.status})")
+    reg, sources = _tools(args, rec.tools, strict=False)
     try:
-        reg = resolve_tools(rec.tools, sandbox=args.sandbox)
-    except ValueError as e:
-        raise MetrolineError(str(e)) from None
-    model = _model(args)
+        model = _model(args)
+    except BaseException:
+        _close(sources)
+        raise
 
     async def body(reg):
         rt = AgentRuntime(model, reg, store)
@@ -239,6 +283,7 @@ def cmd_agent_resume(args) -> int:
         asyncio.run(body(reg))
     finally:
         model.engine.shutdown()
+        _close(sources)
     rec = store.get_run(rec.id)
     _print_result(rec, False)
     return 0 if rec.status in ("completed", "stopped") else 1

@@ -307,11 +307,13 @@ class McpToolSource:
                         has_tools = getattr(_attr(init, "capabilities"), "tools", None) is not None
                         self.mcp_tools = await _list_tools(session) if has_tools else []
                     self.server_info = _attr(init, "server_info", "serverInfo")
+                    # The session is in place before open() returns (it may call tools() at once).
+                    self._session = session
                     try:
                         ready.set_result(None)
                     except concurrent.futures.InvalidStateError:  # open() gave up (cancelled)
+                        self._session = None
                         return
-                    self._session = session
                     try:
                         await self._stop.wait()
                     finally:

@@ -73,6 +73,20 @@ class RunRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self, events: "list[RunEvent] | None" = None) -> dict:
+        """The run as its users see it, the same over HTTP and from `metroline agent show
+        --json`: the record with `object: agent.run`, without the bookkeeping metadata (tenant,
+        system prompt), and its trace when `events` are given."""
+        out = {"id": self.id, "object": "agent.run", **{k: v for k, v in asdict(self).items() if k != "id"}}
+        out["metadata"] = {k: v for k, v in self.metadata.items() if k not in PRIVATE_METADATA}
+        if events is not None:
+            out["events"] = [e.to_dict() for e in events]
+        return out
+
+
+# Metadata the runtime keeps for itself (who owns the run, its system prompt), not shown.
+PRIVATE_METADATA = frozenset({"tenant", "system"})
+
 
 @dataclass
 class RunEvent:

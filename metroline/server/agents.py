@@ -62,17 +62,6 @@ def _tenant(request: Request) -> str | None:
     return getattr(request.state, "tenant", None)
 
 
-def _run_json(rec: RunRecord, events=None) -> dict:
-    meta = {k: v for k, v in rec.metadata.items() if k not in ("tenant", "system")}
-    out = {"id": rec.id, "object": "agent.run", "status": rec.status, "task": rec.task, "model": rec.model,
-           "tools": rec.tools, "budgets": rec.budgets, "result": rec.result, "ended_by": rec.ended_by,
-           "reason": rec.reason, "usage": rec.usage, "metadata": meta, "created_at": rec.created_at,
-           "updated_at": rec.updated_at}
-    if events is not None:
-        out["events"] = [e.to_dict() for e in events]
-    return out
-
-
 def _get_run(request: Request, run_id: str) -> RunRecord:
     rec = agents_of(request.app.state.metroline).store.get_run(run_id)
     if rec is None or rec.metadata.get("tenant") != _tenant(request):
@@ -88,7 +77,7 @@ def _event_stream(rt: AgentRuntime, run_id: str, after: int = 0):
     async def gen():
         async for ev in rt.stream(run_id, after):
             yield _sse(ev.kind, ev.to_dict())
-        yield _sse("done", _run_json(rt.store.get_run(run_id)))
+        yield _sse("done", rt.store.get_run(run_id).to_json())
     return StreamingResponse(gen(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
@@ -112,7 +101,7 @@ async def create_run(body: RunRequest, request: Request):
         raise bad_request(str(e), "tools" if "tool" in str(e) else "task") from None
     if body.stream:
         return _event_stream(rt, run_id)
-    return JSONResponse(_run_json(rt.store.get_run(run_id)), status_code=201)
+    return JSONResponse(rt.store.get_run(run_id).to_json(), status_code=201)
 
 
 async def list_runs(request: Request, status: str | None = None, limit: int = 20) -> dict:
@@ -123,12 +112,12 @@ async def list_runs(request: Request, status: str | None = None, limit: int = 20
     store = agents_of(request.app.state.metroline).store
     tenant = _tenant(request)
     runs = [r for r in store.list_runs(status, limit=10 * limit) if r.metadata.get("tenant") == tenant][:limit]
-    return {"object": "list", "data": [_run_json(r) for r in runs]}
+    return {"object": "list", "data": [r.to_json() for r in runs]}
 
 
 async def get_run(run_id: str, request: Request) -> dict:
     rec = _get_run(request, run_id)
-    return _run_json(rec, agents_of(request.app.state.metroline).store.events(run_id))
+    return rec.to_json(agents_of(request.app.state.metroline).store.events(run_id))
 
 
 async def run_events(run_id: str, request: Request, after: int = 0):
@@ -142,7 +131,7 @@ async def cancel_run(run_id: str, request: Request) -> dict:
     _get_run(request, run_id)
     rt = agents_of(request.app.state.metroline)
     await rt.cancel(run_id)
-    return _run_json(rt.store.get_run(run_id))
+    return rt.store.get_run(run_id).to_json()
 
 
 async def startup(state) -> None:

@@ -279,3 +279,34 @@ def test_load_mcp_config_errors_name_the_file_and_entry(tmp_path, content, messa
         load_mcp_config(cfg)
     with pytest.raises(McpConfigError, match="cannot read"):
         load_mcp_config(tmp_path / "missing.json")
+
+
+@needs_mcp
+def test_the_agent_cli_registers_mcp_tools_with_the_builtins_and_closes_them(tmp_path):
+    """`metroline agent run|resume --mcp`: the server's tools (SERVER__tool) next to the built-in
+    ones asked for, callable; a server that cannot start is a one-line error, not a traceback."""
+    import argparse
+    import subprocess
+
+    from metroline.agents.cli import _close, _tools
+    from metroline.errors import MetrolineError
+
+    spec = f"mcp:fx={shlex.quote(sys.executable)} {shlex.quote(FIXTURE)}"
+    args = argparse.Namespace(mcp=[spec], sandbox=None)
+    reg, sources = _tools(args, ["calculator", "fx__add"])  # resume passes the run's names: MCP ones too
+    try:
+        assert "calculator" in reg and "fx__add" in reg and "fx__echo" in reg
+        assert run(reg.call("fx__add", {"a": 2, "b": 3})).content == "5"
+        assert run(reg.call("calculator", {"expression": "2+3"})).content == "5"
+    finally:
+        _close(sources)
+    assert not sources[0].is_open
+    # resume without the server: its tools are left out (the runtime refuses their calls)
+    reg, sources = _tools(argparse.Namespace(mcp=[], sandbox=None), ["calculator", "fx__add"], strict=False)
+    assert reg.names() == ["calculator"] and sources == []
+    with pytest.raises(MetrolineError, match="cannot run '/nonexistent/mcp-server'"):
+        _tools(argparse.Namespace(mcp=["mcp:/nonexistent/mcp-server"], sandbox=None), [])
+    proc = subprocess.run([sys.executable, "-m", "metroline.cli", "agent", "run", "x", "--mcp",
+                           "mcp:/nonexistent/mcp-server", "--store", str(tmp_path / "r.sqlite3")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr

@@ -340,3 +340,19 @@ def test_the_notebook_is_the_runs_own_and_comes_back_with_it_after_a_restart(sto
     # The interrupted non-idempotent call was reported, not run again.
     assert any(e.kind == "tool_unknown" and e.data["name"] == "wait_forever" for e in store.events(run_id))
     assert _run(tools.call("notebook_list", {})).content == "[]"  # the registry's own was never written
+
+
+def test_a_run_reads_the_same_over_http_and_from_the_cli(store):
+    """RunRecord.to_json is the one public shape (GET /v1/agents/runs/{id}, agent show --json):
+    the runtime's own metadata (tenant, system prompt) is left out; the caller's and the
+    run's tool_choice are kept."""
+    model = ScriptedModel(["done"])
+    rt = AgentRuntime(model, builtin_tools(), store)
+    res = _run(rt.run("say done", tools=["clock"], system="be brief", metadata={"tenant": "t1", "team": "x"}))
+    rec = store.get_run(res.run_id)
+    assert rec.metadata["tenant"] == "t1" and rec.metadata["system"] == "be brief"
+    out = rec.to_json(store.events(rec.id))
+    assert out["id"] == rec.id and out["object"] == "agent.run" and out["status"] == "completed"
+    assert out["metadata"] == {"team": "x", "tool_choice": "auto"} and out["result"] == "done"
+    assert [e["kind"] for e in out["events"]] == ["model_call", "final"]
+    assert "events" not in rec.to_json()
