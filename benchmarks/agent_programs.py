@@ -203,6 +203,59 @@ def run_round(loaded, args, system, programs, config: str) -> dict:
     return res
 
 
+def isolated_bound(loaded, args, system, programs) -> dict:
+    """The JCT each program would have alone on the engine (no other program, no queue): its
+    tool pauses plus, per call, the prefill of the tokens new since its previous call and the
+    decode of its output at single-stream speed, both measured here first. No scheduler can
+    beat this, so B's mean JCT over this bound's mean is the most any policy could gain on this
+    workload (the critical path of a long program is mostly its own decoding)."""
+    from metroline.config import CacheConfig, SchedulerConfig
+    from metroline.engine.async_engine import AsyncEngine
+    from metroline.engine.core import EngineCore
+    from metroline.engine.request import SamplingParams
+
+    core = EngineCore(loaded, CacheConfig(num_blocks=args.num_blocks),
+                      SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens))
+    engine = AsyncEngine(core)
+    rng = random.Random(1)
+
+    async def timed(prompt, n):
+        t0 = time.perf_counter()
+        first = None
+        async for _ in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                                       request_id=f"cal{rng.random()}"):
+            first = first or time.perf_counter()
+        return first - t0, time.perf_counter() - first
+
+    async def calibrate():
+        await timed([rng.randrange(100, 40000) for _ in range(64)], 4)  # warm-up
+        pre, dec = [], []
+        for _ in range(3):
+            ttft, rest = await timed([rng.randrange(100, 40000) for _ in range(256)], 33)
+            pre.append(ttft / 256)
+            dec.append(rest / 32)
+        return statistics.median(pre), statistics.median(dec)
+
+    try:
+        per_prefill, per_decode = asyncio.run(calibrate())
+    finally:
+        engine.shutdown()
+    jct = {}
+    for p in programs:
+        t, new = 0.0, len(system) + len(p.task)
+        for c in p.calls:
+            t += new * per_prefill + c.max_tokens * per_decode + c.tool_latency_s
+            new = c.max_tokens + len(c.tool_result)
+        jct[p.pid] = t
+    out = {"prefill_s_per_token": per_prefill, "decode_s_per_token": per_decode,
+           "mean_jct_s": statistics.fmean(jct.values()), "buckets": {}}
+    for lo, hi in BUCKETS:
+        js = [jct[p.pid] for p in programs if lo <= len(p.calls) <= hi]
+        out["buckets"][bucket_name(lo, hi)] = statistics.fmean(js) if js else None
+    return out
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -222,6 +275,10 @@ def plot(result: dict, path: str) -> None:
             xs = [i + (2 * j + k - 1.5) * width for i in range(len(buckets))]
             ax.bar(xs, vals, width, label=f"{names[cfg]} ({'mean' if k == 0 else 'p99'})",
                    color=("tab:blue", "tab:orange")[j], alpha=(1.0, 0.5)[k])
+    bound = result.get("isolated_bound")
+    if bound:
+        ax.scatter(range(len(buckets)), [bound["buckets"][b] or 0 for b in buckets], marker="_", s=900,
+                   color="black", zorder=3, label="alone on the engine (no queue): the floor")
     counts = [result["rounds"][0]["buckets"][b]["programs"] for b in buckets]
     ax.set_xticks(range(len(buckets)), [f"{b} calls\n({n} programs)" for b, n in zip(buckets, counts)])
     ax.set_yscale("log")
@@ -294,6 +351,10 @@ def main(argv=None) -> int:
     print(f"{len(programs)} programs over {programs[-1].arrival_s:.0f} s, {sum(lengths)} calls, "
           f"lengths: " + ", ".join(f"{bucket_name(lo, hi)}: {sum(lo <= n <= hi for n in lengths)}"
                                    for lo, hi in BUCKETS), flush=True)
+    bound = isolated_bound(loaded, args, system, programs)
+    print(f"alone on the engine (no queue): mean JCT {bound['mean_jct_s']:.2f} s "
+          f"({bound['prefill_s_per_token'] * 1e3:.2f} ms/prefill token, "
+          f"{bound['decode_s_per_token'] * 1e3:.1f} ms/decoded token)", flush=True)
     rounds = []
     for r in range(args.rounds):
         for cfg in args.configs:
@@ -334,7 +395,11 @@ def main(argv=None) -> int:
                            "arrival_span_s": programs[-1].arrival_s,
                            "lengths": {bucket_name(lo, hi): sum(lo <= n <= hi for n in lengths) for lo, hi in BUCKETS},
                            "tools_median_latency_s": TOOLS},
-              "summary": summary, "rounds": rounds}
+              "isolated_bound": bound, "summary": summary, "rounds": rounds}
+    if "B" in summary:
+        summary["headroom_b_over_isolated"] = summary["B"]["mean_jct_s"] / bound["mean_jct_s"]
+        print(f"B's mean JCT is {summary['headroom_b_over_isolated']:.2f}x the isolated bound: the most any "
+              "policy could gain here", flush=True)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)

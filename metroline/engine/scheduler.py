@@ -116,7 +116,9 @@ class Scheduler:
         preempting when the pool says no, then admit waiting ones while budget allows."""
         out = SchedulerOutput()
         now = self.clock()
-        self.kv.expire_pins(now)
+        # Sessions whose next turn is already queued: their pins outlive the expiry and yield last.
+        queued = {r.session_id for r in self.waiting if r.session_id is not None} if self.kv.pins else ()
+        self.kv.expire_pins(now, keep=queued)
         self.policy.on_step(now)
         budget = self.config.max_num_batched_tokens
         # Sorted so the lowest-priority request (the preemption victim) is always last and
@@ -140,7 +142,7 @@ class Scheduler:
             while True:
                 if self.kv.allocate_slots(req, num_new) is not None:
                     break
-                if self.kv.release_oldest_pin():  # session pins yield before running work does
+                if self.kv.release_oldest_pin(queued):  # session pins yield before running work does
                     continue
                 if len(self.running) == 1:
                     # Alone and still too big for the whole pool: it can never continue.
@@ -159,13 +161,13 @@ class Scheduler:
             i += 1
 
         if not out.preempted:
-            self._admit_waiting(out, budget, now)
+            self._admit_waiting(out, budget, now, queued)
 
         for sr in out.scheduled:
             sr.request.num_computed_tokens += sr.num_new_tokens
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float, queued=()) -> None:
         if self.policy.sorts_waiting and len(self.waiting) > 1:
             # Re-sorted at each admission (the queue is short; keys move with service and age).
             self.waiting = deque(sorted(self.waiting, key=lambda r: self.policy.sort_key(r, now)))
@@ -195,7 +197,7 @@ class Scheduler:
                 # Pins yield to queued work too (oldest first): a pin is a bet that its
                 # session's next turn comes soon, the request at the head is work now, and
                 # holding its admission until the pins expire would shrink the batch.
-                if self.kv.release_oldest_pin():
+                if self.kv.release_oldest_pin(queued):
                     continue
                 break
             self.waiting.popleft()

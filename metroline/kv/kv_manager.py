@@ -12,7 +12,7 @@ import hashlib
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Container, Protocol, Sequence
 
 from metroline.kv.block_pool import BlockPool, KVBlock
 
@@ -275,14 +275,22 @@ class KVCacheManager:
         self.num_pinned_blocks -= len(pin.blocks)
         return True
 
-    def release_oldest_pin(self) -> bool:
-        """Give back the oldest pin's blocks: running work must never wait on a retained turn."""
+    def release_oldest_pin(self, spare: "Container[str]" = ()) -> bool:
+        """Give back the oldest pin's blocks: running work must never wait on a retained turn.
+        Pins of the sessions in `spare` (whose next turn is already queued) go last."""
         if not self.pins:
             return False
+        for sid in self.pins:
+            if sid not in spare:
+                return self.release_session(sid)
         return self.release_session(next(iter(self.pins)))
 
-    def expire_pins(self, now: float) -> int:
-        expired = [sid for sid, pin in self.pins.items() if pin.expires_at <= now]
+    def expire_pins(self, now: float, keep: "Container[str]" = ()) -> int:
+        """Release the pins past their expiry, except those of the sessions in `keep`: a
+        session whose next turn has arrived and waits in the queue keeps its KV until that
+        turn is admitted (its retention bet came true; dropping the KV now only means
+        computing it again a moment later), unless memory is needed (release_oldest_pin)."""
+        expired = [sid for sid, pin in self.pins.items() if pin.expires_at <= now and sid not in keep]
         for sid in expired:
             self.release_session(sid)
         return len(expired)

@@ -162,3 +162,51 @@ def test_pins_yield_to_a_waiting_request_while_others_run():
     assert runner.is_finished and new.is_finished
     kv.release_session("sess1")
     assert_no_leak(kv)
+
+
+def test_a_pin_outlives_its_expiry_while_its_next_turn_waits_in_the_queue():
+    """The retention bet came true once the next turn has arrived: if it waits for a slot, its
+    session's pin stays past the expiry (released at admission), and when memory is needed
+    the pins of sessions without a queued turn go first."""
+    now = [0.0]
+    kv = KVCacheManager(16, BS, max_pinned_fraction=0.9)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=1), kv, BS, max_model_len=256)
+    sched.clock = lambda: now[0]
+    for sid, base in (("s", 0), ("other", 400)):
+        t1 = req(f"{sid}-1", range(base, base + 40), session=sid, retention=1.0)
+        sched.add_request(t1)
+        sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({t1.request_id: [5]}))
+    assert list(kv.pins) == ["s", "other"]
+    busy = req("busy", range(900, 910), max_tokens=20)  # holds the only slot
+    sched.add_request(busy)
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({"busy": [1]}))
+    t2 = req("s-2", list(range(40)) + [5, 6, 7], session="s", retention=1.0)
+    sched.add_request(t2)  # the next turn of s arrives and waits
+    now[0] = 5.0  # both pins are past their expiry
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({"busy": [1]}))
+    assert list(kv.pins) == ["s"]  # other expired; s is kept while its turn is queued
+    for _ in range(40):
+        if busy.is_finished:
+            break
+        sched.update_from_output(sched.schedule(), ModelRunnerOutput.from_token_ids({"busy": [1]}))
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["s-2"]
+    assert t2.num_cached_tokens == 32 and not kv.pins  # the pin held until the admission
+    sched.update_from_output(out, ModelRunnerOutput.from_token_ids({"s-2": [1]}))
+    kv.release_session("s")
+    assert_no_leak(kv)
+
+
+def test_release_oldest_pin_spares_the_sessions_it_is_told_to():
+    kv = KVCacheManager(16, BS, max_pinned_fraction=0.9)
+    for sid, base in (("a", 0), ("b", 100), ("c", 200)):
+        r = req(sid, range(base, base + 40))
+        run_prefill(kv, r)
+        kv.pin_session(r, sid, 10.0)
+        kv.free(r)
+    assert kv.release_oldest_pin(spare={"a"}) and list(kv.pins) == ["a", "c"]
+    assert kv.release_oldest_pin(spare={"a"}) and list(kv.pins) == ["a"]
+    assert kv.release_oldest_pin(spare={"a"}) and not kv.pins
+    assert not kv.release_oldest_pin()
+    assert kv.expire_pins(now=100.0) == 0
+    assert_no_leak(kv)
