@@ -35,6 +35,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from metroline import faults
+
 __all__ = ["Tool", "ToolResult", "ToolRegistry", "ToolError", "schema_of", "builtin_tools", "calculate"]
 
 
@@ -197,6 +199,8 @@ class ToolRegistry:
             t._slots = asyncio.Semaphore(t.max_concurrency)
         async with t._slots:
             try:
+                if faults.ACTIVE:  # a test's injected failure or stall, inside the timeout
+                    await asyncio.wait_for(asyncio.to_thread(faults.hit, "tool", name), t.timeout_s)
                 if inspect.iscoroutinefunction(t.fn):
                     value = await asyncio.wait_for(t.fn(**args), t.timeout_s)
                 else:

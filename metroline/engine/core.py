@@ -260,7 +260,20 @@ class EngineCore:
             g = self._sample_to_group.get(req.request_id)
             if g is not None:
                 touched[g.request_id] = g
-        return [self._make_output(g) for g in touched.values()]
+        outs = []
+        for g in touched.values():
+            try:
+                outs.append(self._make_output(g))
+            except Exception as e:  # its output text could not be made: it fails alone
+                logger.exception("output of %s failed", g.request_id)
+                outs.append(self._fail_group(g, f"{type(e).__name__}: {e}"))
+        return outs
+
+    def _fail_group(self, g: _Group, error: str) -> RequestOutput:
+        """End a group with `error` (its blocks freed), for a failure outside the model step."""
+        prompt = g.prompt_token_ids
+        self.abort_request(g.request_id)
+        return RequestOutput(g.request_id, prompt, [], True, error=error)
 
     def _propose(self) -> None:
         """Drafts for the requests about to decode, k per request from the policy (0 when the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from metroline import faults
 from metroline.attention.backend import AttentionBackend, SeqInfo
 from metroline.engine.request import ModelRunnerOutput, SampledTokens
 from metroline.engine.sampler import Sampler
@@ -78,9 +79,11 @@ class ModelRunner:
             if threads != torch.get_num_threads():  # another runner (a draft model's) may have set it
                 torch.set_num_threads(threads)
         meta = self.backend.build_metadata(seqs, self.block_size, dev)
+        faults.hit("step")
         hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev),
                             torch.tensor(positions, dtype=torch.int64, device=dev),
                             self.backend, meta, self.kv_caches)
+        faults.hit("kernel")  # after the layers wrote this step's KV, before the logits
         if not logit_rows:
             return out
         if len(logit_rows) == len(input_ids):  # every row (a batch of plain decodes): no gather

@@ -22,17 +22,21 @@ are internal invariants (asserts) and the queue bound, which depends on the mome
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from metroline import faults
 from metroline.config import SchedulerConfig
 from metroline.engine.policy import make_policy
 from metroline.engine.processors import forced_tokens, notify_accept
 from metroline.engine.request import ModelRunnerOutput, Request, RequestStatus
 from metroline.errors import QueueFullError, processor_failure
 from metroline.kv.kv_manager import KVCacheManager
+
+logger = logging.getLogger("metroline.engine")
 
 __all__ = ["QueueFullError", "ScheduledRequest", "Scheduler", "SchedulerOutput"]
 
@@ -292,9 +296,14 @@ class Scheduler:
             req.spec_probs = None
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
-            status, appended = self._append(req, new, res.logprobs if res is not None else None)
-            if status is None and appended and self.config.grammar_fast_forward:
-                status = self._fast_forward(req)
+            try:
+                status, appended = self._append(req, new, res.logprobs if res is not None else None)
+                if status is None and appended and self.config.grammar_fast_forward:
+                    status = self._fast_forward(req)
+            except Exception as e:  # its detokenizer or stop check raised: it fails alone
+                logger.exception("request %s failed after its step", req.request_id)
+                req.error = f"{type(e).__name__}: {e}"
+                status, appended = RequestStatus.FINISHED_ERROR, 0
             self.kv.cache_blocks(req)  # before _finish: a session pin keeps the cached prefix
             if status is not None:
                 self._finish(req, status)
@@ -360,6 +369,7 @@ class Scheduler:
         decides why a request stops."""
         text = req.output_text
         if text is not None:
+            faults.hit("detokenize", req.request_id)
             stop_str = text.append(tok)
             if stop_str is not None:
                 req.stop_reason = stop_str

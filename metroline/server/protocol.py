@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from metroline.engine.request import SamplingParams
@@ -58,15 +58,30 @@ def _reject_surrogates(value: Any, depth: int = 0) -> None:
             _reject_surrogates(v, depth + 1)
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
 class _Body(BaseModel):
     # Unknown fields are ignored, as vLLM does: clients send provider-specific extras.
-    model_config = ConfigDict(extra="ignore")
+    # NaN and +-Infinity (which Python's JSON parser reads) are refused in every float field.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
     def _valid_text(cls, data: Any) -> Any:
         _reject_surrogates(data)
         return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        """Every integer (alone or in a list) fits a signed 64-bit integer: none past that is
+        meaningful anywhere, and the engine's tensors and seeds could not hold it."""
+        items = value if isinstance(value, list) else (value,)
+        for v in items:
+            if type(v) is int and not INT64_MIN <= v <= INT64_MAX:
+                raise PydanticCustomError("int64", "must fit in a signed 64-bit integer")
+        return value
 
 
 class StreamOptions(BaseModel):

@@ -40,7 +40,8 @@ def test_every_route_but_the_allowlist_needs_the_key(secured):
     paths = {p for _, p in routes}
     for expected in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/x",
                      "/tokenize", "/detokenize", "/health", "/ready", "/metrics", "/openapi.json",
-                     "/docs", "/version"):
+                     "/docs", "/version", "/v1/responses", "/v1/responses/x",
+                     "/v1/agents/runs", "/v1/agents/runs/x", "/v1/agents/runs/x/cancel", "/v1/sessions/x"):
         assert expected in paths, f"{expected} missing from the route table"
     with secured.http() as http:
         for method, path in routes:
