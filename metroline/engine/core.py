@@ -103,7 +103,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, bs, self.max_model_len)
         self.limits = EngineLimits(loaded.config.vocab_size, self.max_model_len, num_blocks * bs,
                                    self.scheduler_config.max_num_batched_tokens,
-                                   self.scheduler_config.enable_chunked_prefill)
+                                   self.scheduler_config.enable_chunked_prefill,
+                                   self.scheduler_config.max_queued_requests)
         self.speculative_config = speculative_config or SpeculativeConfig()
         self.proposer, self.spec_policy = None, None
         if proposer is not None and num_speculative_tokens > 0:

@@ -23,6 +23,7 @@ class EngineLimits:
     kv_capacity_tokens: int  # every block of the KV pool
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
+    max_queued_requests: int | None = None  # the waiting queue's bound (None: unbounded)
 
 
 def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -37,6 +38,12 @@ def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams,
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})",
                                   param="prompt")
     params.validate(vocab)
+    if limits.max_queued_requests is not None and params.n > limits.max_queued_requests:
+        # Every sample waits in the queue at first: more than it holds can never be admitted, and
+        # a 429 would send the client into retries that cannot succeed.
+        raise InvalidRequestError(
+            f"n={params.n} samples can never be queued at once: the queue holds "
+            f"{limits.max_queued_requests} requests", param="n", code="n_exceeds_queue")
     if hints.kv_retention_s is not None and not 0 <= hints.kv_retention_s <= MAX_KV_RETENTION_S:
         raise InvalidRequestError(f"kv_retention_s must be in [0, {MAX_KV_RETENTION_S}]",
                                   param="kv_retention_s")

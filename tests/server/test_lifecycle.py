@@ -156,6 +156,18 @@ def test_queue_full_is_429_with_retry_after(tiny, tiny_engine, tiny_client):
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
 
 
+def test_more_samples_than_the_queue_ever_holds_is_400_not_429(tiny, tiny_client):
+    """The tiny server's queue holds one request: n=2 can never be admitted, so it is a 400
+    (a 429 would have the client retry forever), idle or not; n=1 still works."""
+    for create in (lambda: tiny_client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2),
+                   lambda: tiny_client.chat.completions.create(model=MODEL, max_tokens=2, n=3,
+                                                               messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(openai.BadRequestError) as e:
+            create()
+        assert e.value.code == "n_exceeds_queue" and e.value.param == "n"
+    assert tiny_client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
+
+
 # ---------------------------------------------------------------------------- timeouts
 
 def test_request_timeout(aux_server, engine):
