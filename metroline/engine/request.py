@@ -16,6 +16,7 @@ from metroline.errors import InvalidRequestError
 # tensor) and returns the row to use; see engine/processors.py. Grammars plug in here.
 LogitsProcessor = Callable[[Sequence[int], "object"], "object"]
 
+MAX_STOP_CHARS = 4096
 MAX_LOGPROBS = 20
 MAX_N = 128
 
@@ -86,6 +87,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",
                "stop")
         _check(len(self.stop) <= 16, "at most 16 stop strings", "stop")
+        # A stop string holds its length of text back from streams; past this it is no stop.
+        _check(all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+               f"a stop string has at most {MAX_STOP_CHARS} characters", "stop")
         for name, ids in (("stop_token_ids", self.stop_token_ids),
                           ("logit_bias", list((self.logit_bias or {}).keys()))):
             for t in ids:
