@@ -341,9 +341,78 @@ def replay_notebook(calls) -> dict:
     return book
 
 
-def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> ToolRegistry:
-    """calculator, clock, notebook_set / notebook_get / notebook_list, and read_file under
-    `sandbox` (only when a folder is given). The notebook is the agent run's own (run_notebook,
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def check_url(url: str, allowed_hosts=LOOPBACK_HOSTS) -> tuple[str, str, int, str]:
+    """(scheme, host, port, the address to connect to) for a URL fetch_url may open, or
+    PermissionError / ValueError before any connection is made or any name resolved: only
+    http(s), no credentials in the URL, a host in `allowed_hosts` (exact, case-insensitive), and
+    a name resolves only when it is on the list, to addresses that must all be loopback when the
+    list is the loopback default (no DNS answer can send the request elsewhere)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise PermissionError(f"only http and https URLs may be fetched, not {parts.scheme or 'no scheme'!r}")
+    if parts.username is not None or parts.password is not None:
+        raise PermissionError("a URL with credentials is refused")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    allowed = {h.lower().strip("[]") for h in allowed_hosts}
+    if host not in allowed:
+        raise PermissionError(f"host {host!r} is not allowed (allowed: {', '.join(sorted(allowed))})")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise ValueError(f"bad port in {url!r}: {e}") from None
+    try:
+        addr = str(ipaddress.ip_address(host))
+        addrs = [addr]
+    except ValueError:
+        addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        if not addrs:
+            raise PermissionError(f"{host!r} does not resolve") from None
+        addr = addrs[0]
+    if set(allowed) <= set(LOOPBACK_HOSTS) and not all(ipaddress.ip_address(a).is_loopback for a in addrs):
+        raise PermissionError(f"{host!r} resolves outside loopback ({', '.join(addrs)})")
+    return parts.scheme, host, port, addr
+
+
+def fetch(url: str, allowed_hosts=LOOPBACK_HOSTS, max_bytes: int = 65536, timeout_s: float = 10.0) -> str:
+    """GET a URL that check_url allows; redirects are not followed (their target was not
+    checked); the body is read up to max_bytes."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    scheme, host, port, addr = check_url(url, allowed_hosts)
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if scheme == "https":  # TLS checks the certificate against the name
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout_s)
+    else:  # connect to the address that was checked, not a second resolution of the name
+        conn = http.client.HTTPConnection(addr, port, timeout=timeout_s)
+    try:
+        conn.request("GET", path, headers={"Host": host if port in (80, 443) else f"{host}:{port}",
+                                           "User-Agent": "metroline-agent"})
+        resp = conn.getresponse()
+        body = resp.read(max(0, min(max_bytes, 1 << 20)))
+    finally:
+        conn.close()
+    if 300 <= resp.status < 400:
+        return f"HTTP {resp.status} redirect to {resp.getheader('Location')!r} (not followed)"
+    text = body.decode(resp.headers.get_content_charset() or "utf-8", errors="replace")
+    return text if resp.status < 400 else f"HTTP {resp.status}: {text}"
+
+
+def builtin_tools(sandbox: str | None = None, notebook: dict | None = None,
+                  allowed_hosts=LOOPBACK_HOSTS) -> ToolRegistry:
+    """calculator, clock, notebook_set / notebook_get / notebook_list, fetch_url (hosts in
+    `allowed_hosts` only: loopback by default), and read_file under `sandbox` (only when a
+    folder is given). The notebook is the agent run's own (run_notebook,
     set by AgentRuntime: each run sees only its notes, kept in its trace); called outside a run
     the tools use `notebook`, a dict the caller may persist (a fresh one by default)."""
     reg = ToolRegistry()
@@ -402,6 +471,16 @@ def builtin_tools(sandbox: str | None = None, notebook: dict | None = None) -> T
     def notebook_list() -> list[str]:
         """The keys of every note."""
         return sorted(_book())
+
+    @reg.tool(timeout_s=15, idempotent=True)
+    def fetch_url(url: str, max_bytes: int = 65536) -> str:
+        """Fetch a web page by GET (only hosts on the allowlist; loopback by default).
+
+        Args:
+            url: the http(s) URL
+            max_bytes: read at most this many bytes
+        """
+        return fetch(url, allowed_hosts, max_bytes)
 
     if sandbox is not None:
         root = os.path.realpath(sandbox)

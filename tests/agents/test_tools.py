@@ -138,7 +138,8 @@ def test_builtin_tools_notebook_clock_and_sandbox(tmp_path):
     os.symlink(tmp_path / "secret.txt", tmp_path / "box" / "link.txt")
     book: dict = {}
     reg = builtin_tools(sandbox=str(tmp_path / "box"), notebook=book)
-    assert set(reg.names()) == {"calculator", "clock", "notebook_set", "notebook_get", "notebook_list", "read_file"}
+    assert set(reg.names()) == {"calculator", "clock", "notebook_set", "notebook_get", "notebook_list", "fetch_url",
+                                "read_file"}
     assert run(reg.call("calculator", {"expression": "17*23"})).content == "391"
     calc_err = run(reg.call("calculator", {"expression": "open('x')"}))
     # The schema's pattern refuses it before calculate()'s own AST check would.
@@ -156,3 +157,71 @@ def test_builtin_tools_notebook_clock_and_sandbox(tmp_path):
         r = run(reg.call("read_file", {"path": escape}))
         assert not r.ok and "outside the sandbox" in r.content, escape
     assert "read_file" not in builtin_tools().names()  # no sandbox, no file access
+
+
+def test_fetch_url_refuses_every_host_off_its_allowlist_before_any_connection(monkeypatch):
+    """Loopback only by default; the refusal comes before any name is resolved or any socket
+    connects (both are made to fail the test here; no traffic leaves the machine)."""
+    import socket
+
+    from metroline.agents.tools import check_url
+
+    def no_network(*a, **k):
+        raise AssertionError(f"a connection or lookup was attempted: {a}")
+
+    reg = builtin_tools()
+    with monkeypatch.context() as m:
+        m.setattr(socket, "getaddrinfo", no_network)
+        m.setattr(socket, "create_connection", no_network)
+        m.setattr(socket.socket, "connect", no_network)
+        for url in ("http://example.com/", "https://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
+                    "http://[::ffff:10.0.0.1]/", "http://127.0.0.1.nip.io/", "http://0.0.0.0/",
+                    "http://127.0.0.2/", "http://localhost.evil.com/", "http://user:pw@127.0.0.1/",
+                    "file:///etc/passwd", "ftp://127.0.0.1/", "gopher://127.0.0.1/", "//127.0.0.1/x"):
+            with pytest.raises((PermissionError, ValueError)):
+                check_url(url)
+            r = run(reg.call("fetch_url", {"url": url}))
+            assert not r.ok and r.error == "exception" and ("Permission" in r.content or "Value" in r.content), url
+        assert check_url("http://127.0.0.1:9/x")[3] == "127.0.0.1"  # an IP on the list: no lookup
+        assert check_url("http://[::1]:9/")[3] == "::1"
+    # A name on the list must resolve to loopback only.
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(0, 0, 0, "", ("10.1.2.3", 80))])
+    with pytest.raises(PermissionError, match="outside loopback"):
+        check_url("http://localhost/")
+
+
+def test_fetch_url_reads_a_loopback_page_and_does_not_follow_redirects():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "http://example.com/")
+                self.end_headers()
+                return
+            body = f"page {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        reg = builtin_tools()
+        port = srv.server_address[1]
+        r = run(reg.call("fetch_url", {"url": f"http://127.0.0.1:{port}/hello?x=1"}))
+        assert r.ok and r.content == "page /hello?x=1", r
+        r = run(reg.call("fetch_url", {"url": f"http://127.0.0.1:{port}/away"}))
+        assert r.ok and "302" in r.content and "not followed" in r.content
+        other = builtin_tools(allowed_hosts=("example.org",))
+        r = run(other.call("fetch_url", {"url": f"http://127.0.0.1:{port}/hello"}))
+        assert not r.ok and "not allowed" in r.content  # a custom list replaces loopback
+    finally:
+        srv.shutdown()

@@ -148,3 +148,23 @@ def test_a_burst_of_retries_after_a_failing_request(server, client):
         assert fut.result(timeout=120) == ref
     assert codes == [400] * 50
     assert_alive(server)
+
+
+def test_huge_headers_are_refused_and_the_server_lives_on(server):
+    """A header block past the HTTP parser's bound is refused at the connection (4xx or a
+    closed connection), never buffered without end; the next request is served."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+    except OSError:
+        pass  # the server closed the connection while we were still sending: refused
+    try:
+        answer = sock.recv(4096)
+    except OSError:
+        answer = b""
+    finally:
+        sock.close()
+    assert answer == b"" or answer.split(b" ")[1][:1] == b"4", answer[:100]
+    assert_alive(server)
