@@ -13,9 +13,9 @@ hypothesis would run it once for all examples)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
-import math
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -298,7 +298,6 @@ def test_chat_template_only_raises_its_error(msgs, template):
     """Anything as messages: the result is a string or ChatTemplateError, never another error."""
     t = tok()
     if template is None:
-        import copy
         t = copy.copy(t)
         t.chat_template = None  # the ChatML fallback, which reads list contents too
     try:
