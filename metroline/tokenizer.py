@@ -478,7 +478,9 @@ class IncrementalDetokenizer:
     decodes a few tokens whatever the length of the output. The window always starts where a complete
     character ended, so decoding it agrees with decoding everything: all step() outputs plus flush()
     equal tokenizer.decode(generated ids). With `prompt_ids`, the last few prompt tokens are left
-    context, so the text continues the prompt (e.g. SentencePiece keeps the first word's space).
+    context, so the text continues the prompt (e.g. SentencePiece keeps the first word's space):
+    the outputs then equal what decode(context + generated) adds beyond its common prefix with
+    decode(context), so a character the prompt left incomplete comes out whole once completed.
     """
 
     _CONTEXT = 5
@@ -497,9 +499,14 @@ class IncrementalDetokenizer:
         if not final and self._tok.byte_fallback_ids and self._in_byte_run():
             return ""
         full = self._tok.decode(self._ids, self._skip)
-        if len(full) <= len(self._done_text) or (not final and full.endswith("\ufffd")):
+        done = self._done_text
+        # The window starts at a complete character, so full extends done -- except when the
+        # prompt context ends inside a character (done ends with U+FFFD) that these tokens
+        # complete: the text then goes on from where the two stop agreeing.
+        start = len(done) if full.startswith(done) else _common_prefix_len(done, full)
+        if len(full) <= start or (not final and full.endswith("\ufffd")):
             return ""
-        new = full[len(self._done_text):]
+        new = full[start:]
         self._ids = self._ids[self._read:]
         self._read = len(self._ids)
         self._done_text = None
@@ -521,3 +528,12 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """The text still held back (e.g. an incomplete character at the end of generation)."""
         return self._emit(final=True)
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

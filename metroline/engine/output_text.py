@@ -25,7 +25,7 @@ class OutputText:
 
     def append(self, token_id: int) -> str | None:
         """Add one token's text; returns the stop string it completed, if any (the text then
-        ends at it, or after it with include_stop_str)."""
+        ends at it, or after it with include_stop_str). Of several, the one that ends first."""
         return self._add(self.detok.step([token_id]))
 
     def flush(self) -> str | None:
@@ -43,10 +43,14 @@ class OutputText:
         self.text += new
         if not self.stop:
             return None
+        # Generation stops as soon as a stop string is complete, so the match is the one that
+        # ends first (of two ending at the same character, the longer): the same whichever way
+        # the text was split into tokens. (The first-starting one was taken: one token "abcd"
+        # stopped at "abcd" for stops ["abcd", "c"], tokens "ab", "c", "d" at "c".)
         best = None
         for s in self.stop:
             pos = self.text.find(s, start)
-            if pos != -1 and (best is None or pos < best[0]):
+            if pos != -1 and (best is None or (pos + len(s), pos) < (best[0] + len(best[1]), best[0])):
                 best = (pos, s)
         if best is None:
             return None

@@ -158,6 +158,19 @@ def _call_from(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args if args is not None else {}))
 
 
+def _is_streamed_call(call: "_Call") -> bool:
+    """Whether a closed body streamed from its canonical head is the JSON object it claimed:
+    the scan only follows strings and nesting, so e.g. `{"name": "f", "arguments": 1 2}` or a
+    trailing comma got through as a call, and a repeated "name" key went out as the first."""
+    try:
+        obj = json.loads(call.body[:call.body_end])
+        args = json.loads(call.body[call.head.end():call.args_end])
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(obj, dict) and obj.get("name") == json.loads(call.head.group(1))
+            and "arguments" in obj and json.dumps(obj["arguments"]) == json.dumps(args))
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """(content outside the calls, the calls) of a finished output. A call whose closing tag
     never came (output cut short by max_tokens), or that is not a JSON object with a name,
@@ -312,7 +325,7 @@ class ToolCallStreamParser:
         tail = after.lstrip(_WS)
         if not failed and len(tail) < len(CLOSE) and CLOSE.startswith(tail):
             return False  # the closing tag may still come
-        ok = not failed and tail.startswith(CLOSE)
+        ok = not failed and tail.startswith(CLOSE) and (call.head is None or _is_streamed_call(call))
         whole = None if call.head is not None or not ok else _call_from(call.body[:call.body_end])
         self._call = None
         if ok and (call.head is not None or whole is not None):
