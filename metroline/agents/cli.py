@@ -40,7 +40,8 @@ def add_agent_parser(sub, add_model_args, make_llm) -> None:
                                     "and guard is printed as it happens, then the answer.")
     r.add_argument("task", help="what the agent should do")
     r.add_argument("--tools", default="calculator",
-                   help="comma-separated built-in tools: calculator, clock, notebook, read_file (needs "
+                   help="comma-separated built-in tools: calculator, clock, notebook, fetch_url (loopback "
+                        "only), read_file (needs "
                         "--sandbox)")
     r.add_argument("--sandbox", default=None, help="the folder read_file may read")
     r.add_argument("--mcp", action="append", default=[], metavar="SERVER",

@@ -265,7 +265,56 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     add_routes(app)
     agents.add_routes(app)
     add_responses_routes(app)
+    _describe_errors(app)
     return app
+
+
+# The statuses each kind of route may answer besides its success, all in OpenAI's error shape.
+_ERROR_STATUSES = {"400": "invalid request (a wrong type, a value out of range, a prompt too long)",
+                   "401": "missing or wrong API key", "404": "unknown model, run or response",
+                   "413": "request body too large", "429": "queue full (Retry-After)",
+                   "500": "the request failed inside the engine", "503": "draining or the engine is not running"}
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}
+
+
+def _describe_errors(app: FastAPI) -> None:
+    """/openapi.json says what the server answers: FastAPI's generated 422 (never sent here:
+    validation errors are 400s) becomes the OpenAI error shape for every 4xx/5xx it can send."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+            ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for path, ops in spec.get("paths", {}).items():
+                for method, op in ops.items():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    codes = ["401", "413", "500"] if path not in AUTH_ALLOWLIST else ["500"]
+                    if method in ("post", "delete") or "{" in path:
+                        codes += ["400", "404"]
+                    if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/agents/runs"):
+                        codes += ["429", "503"]
+                        ok = responses.get("200") or responses.get("201")
+                        if ok is not None:  # with "stream": true, server-sent events
+                            ok.setdefault("content", {})["text/event-stream"] = {"schema": {
+                                "description": "one `data: {json}` event per chunk (OpenAI's chunk objects, "
+                                               "or an {\"error\": ...} event), then `data: [DONE]`"}}
+                    if path == "/ready":
+                        codes.append("503")
+                    for code in codes:
+                        responses.setdefault(code, {"description": _ERROR_STATUSES[code], **ref})
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec["components"]["schemas"].pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _one_token(state: ServerState) -> None:

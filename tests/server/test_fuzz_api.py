@@ -1,0 +1,117 @@
+"""Schemathesis against metroline's own /openapi.json (issue 16): requests generated from the
+documented schemas, positive (valid shapes, which reach the model) and negative (every way to
+break them), bounded in examples. Checks: no server error, and every answer's status, content
+type and body are ones the document declares (the OpenAI error shape for each 4xx/5xx).
+
+The generated bodies are narrowed where the schema allows work no test can afford: at most a
+few output tokens, few samples, no agent runs (their own tests drive them)."""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install metroline[test])")
+
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
+                                               status_code_conformance)
+
+MODEL = "SmolLM2-135M-Instruct"
+REPAIR = {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "input": "Hi", "tokens": [1, 2],
+          "model": MODEL, "max_tokens": 3, "max_completion_tokens": 3, "max_output_tokens": 3}
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHEAP = {"max_tokens": 3, "max_completion_tokens": 3, "max_output_tokens": 3, "n": 1, "best_of": None,
+         "min_tokens": 0}
+
+
+OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models/{model}"),
+              ("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/sessions/{session_id}"),
+              ("GET", "/health"), ("GET", "/v1/models")]
+
+
+def narrow(case) -> None:
+    """Keep a valid body valid but cheap: a handful of tokens (also when the body asks for no
+    limit, which means up to the context length), one sample."""
+    body = case.body
+    if isinstance(body, dict):
+        limit = "max_output_tokens" if case.operation.path == "/v1/responses" else "max_tokens"
+        if case.operation.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses") and \
+                not any(isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens",
+                                                               "max_output_tokens")):
+            body[limit] = 3
+        for key, value in CHEAP.items():
+            if key in body and isinstance(body[key], (int, float)) and not isinstance(body[key], bool):
+                if value is None:
+                    body.pop(key)
+                elif body[key] > value:
+                    body[key] = value
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+
+
+def test_the_document_covers_the_routes(api_schema):
+    ops = {(o.ok().method.upper(), o.ok().path) for o in api_schema.get_all_operations()}
+    assert set(OPERATIONS) <= ops, sorted(set(OPERATIONS) - ops)
+    assert ("POST", "/v1/agents/runs") in ops
+
+
+# Negative cases need something to break: the bodies (a bare string path parameter has no
+# invalid value).
+CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + \
+        [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"]
+
+
+@pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
+def test_the_api_answers_what_its_document_says(api_schema, server, method, path, mode):
+    from hypothesis import HealthCheck, given, settings
+
+    op = next(o.ok() for o in api_schema.get_all_operations()
+              if o.ok().method.upper() == method and o.ok().path == path)
+    statuses = []
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(op.as_strategy(generation_mode=mode))
+    def check(case):
+        narrow(case)
+        # Repair loop (positive mode): each 400 names the field it refused; drop that field and
+        # send again, so the other fuzzed fields reach the model. Every answer is checked.
+        for _ in range(8):
+            r = case.call_and_validate(base_url=server.url, checks=CHECKS, timeout=60)
+            statuses.append(r.status_code)
+            if mode is not GenerationMode.POSITIVE or not isinstance(case.body, dict):
+                return
+            if r.status_code == 404 and case.body.get("model") != MODEL:
+                case.body["model"] = MODEL
+                continue
+            if r.status_code != 400:
+                return
+            param = (r.json()["error"].get("param") or "").split(".")[0]
+            if param in REPAIR and case.body.get(param) != REPAIR[param]:
+                case.body[param] = REPAIR[param]  # a required field: a valid value instead
+            elif param in case.body and param not in REPAIR:
+                case.body.pop(param)
+            else:
+                return
+
+    check()
+    assert statuses and all(c < 500 for c in statuses), statuses
+    reached.setdefault((path, mode.value), []).extend(statuses)
+
+
+reached: dict = {}
+
+
+def test_positive_fuzzing_reached_the_model():
+    """The repaired positive cases were answered 200 by every generation endpoint (they ran
+    on the model), not only refused."""
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"):
+        got = reached.get((path, "positive"))
+        if got is None:
+            pytest.skip("runs after the fuzzing test in the same session")
+        assert 200 in got, (path, got)
