@@ -280,6 +280,47 @@ _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error"
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}
 
 
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer", "minimum": 0}
+                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_FINISH = {"type": ["string", "null"]}
+# The 200 bodies of the routes clients generate code for (OpenAI's object shapes, the fields
+# metroline always sends; more may come).
+_BODIES = {
+    "Completion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                   "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},
+                                  "created": {"type": "integer"}, "model": {"type": "string"},
+                                  "choices": {"type": "array", "items": {
+                                      "type": "object", "required": ["index", "text", "finish_reason"],
+                                      "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                                     "finish_reason": _FINISH}}},
+                                  "usage": _USAGE}},
+    "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                       "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"},
+                                      "created": {"type": "integer"}, "model": {"type": "string"},
+                                      "choices": {"type": "array", "items": {
+                                          "type": "object", "required": ["index", "message", "finish_reason"],
+                                          "properties": {"index": {"type": "integer"}, "finish_reason": _FINISH,
+                                                         "message": {"type": "object", "required": ["role"],
+                                                                     "properties": {
+                                                                         "role": {"const": "assistant"},
+                                                                         "content": {"type": ["string", "null"]},
+                                                                         "tool_calls": {"type": "array"}}}}}},
+                                      "usage": _USAGE}},
+    "ResponseObject": {"type": "object", "required": ["id", "object", "created_at", "status", "output"],
+                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
+                                      "created_at": {"type": ["integer", "number"]}, "status": {"type": "string"},
+                                      "output": {"type": "array", "items": {"type": "object", "required": ["type"]}}}},
+    "ModelList": {"type": "object", "required": ["object", "data"],
+                  "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                      "type": "object", "required": ["id", "object"],
+                      "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}}}},
+}
+_BODY_OF = {("post", "/v1/completions"): "Completion", ("post", "/v1/chat/completions"): "ChatCompletion",
+            ("post", "/v1/responses"): "ResponseObject", ("get", "/v1/responses/{response_id}"): "ResponseObject",
+            ("get", "/v1/models"): "ModelList"}
+
+
 def _describe_errors(app: FastAPI) -> None:
     """/openapi.json says what the server answers: FastAPI's generated 422 (never sent here:
     validation errors are 400s) becomes the OpenAI error shape for every 4xx/5xx it can send."""
@@ -289,12 +330,18 @@ def _describe_errors(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description,
                                routes=app.routes)
-            spec.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas["ErrorResponse"] = _ERROR_SCHEMA
+            schemas.update(_BODIES)
             ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
             for path, ops in spec.get("paths", {}).items():
                 for method, op in ops.items():
                     responses = op.setdefault("responses", {})
                     responses.pop("422", None)
+                    body = _BODY_OF.get((method, path))
+                    if body is not None:
+                        responses.setdefault("200", {"description": "Successful Response"})["content"] = {
+                            "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
                     codes = ["401", "413", "500"] if path not in AUTH_ALLOWLIST else ["500"]
                     if method in ("post", "delete") or "{" in path:
                         codes += ["400", "404"]

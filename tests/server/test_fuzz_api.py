@@ -60,6 +60,22 @@ def test_the_document_covers_the_routes(api_schema):
     assert ("POST", "/v1/agents/runs") in ops
 
 
+def test_the_document_declares_bodies_and_errors(server):
+    """What the conformance checks validate against: the 200 bodies' shapes and the OpenAI
+    error shape for every 4xx/5xx; no 422, which the server never sends."""
+    with server.http() as http:
+        spec = http.get("/openapi.json").json()
+    comp = spec["paths"]["/v1/completions"]["post"]["responses"]
+    assert comp["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Completion"}
+    assert "text/event-stream" in comp["200"]["content"]
+    for code in ("400", "401", "404", "413", "429", "500", "503"):
+        assert comp[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert "422" not in op["responses"], (method, path)
+    assert "ChatCompletion" in spec["components"]["schemas"] and "HTTPValidationError" not in spec["components"]["schemas"]
+
+
 # Negative cases need something to break: the bodies (a bare string path parameter has no
 # invalid value).
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + \
