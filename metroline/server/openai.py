@@ -304,6 +304,9 @@ async def _completion_prompts(state, prompt) -> list[list[int]]:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
     out = []
     for p in prompt:
+        if not isinstance(p, str) and not all(0 <= t < state.vocab_size for t in p):
+            # Checked here, before anything decodes the ids (echo), not only in the engine.
+            raise bad_request(f"prompt token ids must be integers in [0, {state.vocab_size})", "prompt")
         out.append(await _encode(state, p, True) if isinstance(p, str) else list(p))
     return out
 

@@ -77,9 +77,12 @@ class _Body(BaseModel):
     def _int64(cls, value: Any) -> Any:
         """Every integer (alone or in a list) fits a signed 64-bit integer: none past that is
         meaningful anywhere, and the engine's tensors and seeds could not hold it."""
-        items = value if isinstance(value, list) else (value,)
-        for v in items:
-            if type(v) is int and not INT64_MIN <= v <= INT64_MAX:
+        stack = [value]
+        while stack:  # lists of lists too (a batch of token-id prompts)
+            v = stack.pop()
+            if isinstance(v, list):
+                stack.extend(v)
+            elif type(v) is int and not INT64_MIN <= v <= INT64_MAX:
                 raise PydanticCustomError("int64", "must fit in a signed 64-bit integer")
         return value
 

@@ -36,11 +36,13 @@ def narrow(case) -> None:
     limit, which means up to the context length), one sample."""
     body = case.body
     if isinstance(body, dict):
-        limit = "max_output_tokens" if case.operation.path == "/v1/responses" else "max_tokens"
-        if case.operation.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses") and \
-                not any(isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens",
-                                                               "max_output_tokens")):
-            body[limit] = 3
+        path = case.operation.path
+        if path == "/v1/responses":  # its limit is max_output_tokens (max_tokens is not read)
+            if not isinstance(body.get("max_output_tokens"), int) or isinstance(body["max_output_tokens"], bool):
+                body["max_output_tokens"] = 3
+        elif path in ("/v1/completions", "/v1/chat/completions") and \
+                not any(isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens")):
+            body["max_tokens"] = 3
         for key, value in CHEAP.items():
             if key in body and isinstance(body[key], (int, float)) and not isinstance(body[key], bool):
                 if value is None:

@@ -73,20 +73,33 @@ def test_out_of_vocabulary_ids_anywhere_an_id_is_accepted(server, tok):
     assert_alive(server)
 
 
-def test_prompts_at_just_under_and_just_over_the_context_length(server, tok):
-    limit = server.state.max_model_len
-    one = tok.encode("hello")[0]
-    r = post(server, COMPLETIONS, {"model": MODEL, "prompt": [one] * (limit - 1), "max_tokens": 1})
-    assert r.status_code == 200, r.text[:300]  # the prompt and one generated token fit exactly
-    assert r.json()["usage"]["completion_tokens"] == 1
-    for n in (limit, limit + 1):
-        err = assert_error(post(server, COMPLETIONS, {"model": MODEL, "prompt": [one] * n, "max_tokens": 1}),
-                           param="prompt")
+def test_prompts_at_just_under_and_just_over_the_context_length(default_loaded, tok):
+    """On an engine whose context is 128 tokens (so the test computes little): a prompt of 127
+    tokens and one generated token fit exactly; 128 or 129 tokens, or 127 + 2, are 400s."""
+    from metroline.server.app import ServerConfig, create_app
+
+    from .conftest import ServerThread, make_engine
+
+    engine = make_engine(default_loaded, num_blocks=32, max_model_len=128)
+    srv = ServerThread(create_app(engine, ServerConfig()))
+    try:
+        limit = srv.state.max_model_len
+        assert limit == 128
+        one = tok.encode("hello")[0]
+        r = post(srv, COMPLETIONS, {"model": MODEL, "prompt": [one] * (limit - 1), "max_tokens": 1})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["completion_tokens"] == 1
+        for n in (limit, limit + 1):
+            err = assert_error(post(srv, COMPLETIONS, {"model": MODEL, "prompt": [one] * n, "max_tokens": 1}),
+                               param="prompt")
+            assert err["code"] == "context_length_exceeded"
+        err = assert_error(post(srv, COMPLETIONS, {"model": MODEL, "prompt": [one] * (limit - 1), "max_tokens": 2}),
+                           param="max_tokens")
         assert err["code"] == "context_length_exceeded"
-    err = assert_error(post(server, COMPLETIONS, {"model": MODEL, "prompt": [one] * (limit - 1), "max_tokens": 2}),
-                       param="max_tokens")
-    assert err["code"] == "context_length_exceeded"
-    assert_alive(server)
+        assert_alive(srv)
+    finally:
+        srv.stop()
+        engine.shutdown(timeout=10)
 
 
 def test_empty_prompts_and_messages(server):
@@ -167,4 +180,13 @@ def test_huge_headers_are_refused_and_the_server_lives_on(server):
     finally:
         sock.close()
     assert answer == b"" or answer.split(b" ")[1][:1] == b"4", answer[:100]
+    assert_alive(server)
+
+
+def test_echo_of_out_of_vocabulary_token_prompts_is_a_400(server):
+    """Found by schemathesis: echo decoded the prompt's ids before the engine checked them, and
+    an id past the tokenizer's integer type was a 500 (OverflowError)."""
+    for prompt in ([[1, 263075370547291904]], [[1, 2], [-5]], [10**12]):
+        assert_error(post(server, COMPLETIONS, {"model": MODEL, "prompt": prompt, "max_tokens": 1, "echo": True}),
+                     param="prompt")
     assert_alive(server)
