@@ -315,10 +315,25 @@ _BODIES = {
                   "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
                       "type": "object", "required": ["id", "object"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}}}},
+    "Tokenized": {"type": "object", "required": ["tokens", "count", "max_model_len"],
+                  "properties": {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                 "count": {"type": "integer", "minimum": 0},
+                                 "max_model_len": {"type": "integer", "minimum": 1}}},
+    "Detokenized": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    "AgentRun": {"type": "object", "required": ["id", "object", "status", "task"],
+                 "properties": {"id": {"type": "string"}, "object": {"const": "agent.run"},
+                                "status": {"enum": ["queued", "running", "completed", "stopped", "failed",
+                                                    "cancelled"]},
+                                "task": {"type": "string"}, "events": {"type": "array"}}},
+    "AgentRunList": {"type": "object", "required": ["object", "data"],
+                     "properties": {"object": {"const": "list"},
+                                    "data": {"type": "array", "items": {"$ref": "#/components/schemas/AgentRun"}}}},
 }
 _BODY_OF = {("post", "/v1/completions"): "Completion", ("post", "/v1/chat/completions"): "ChatCompletion",
             ("post", "/v1/responses"): "ResponseObject", ("get", "/v1/responses/{response_id}"): "ResponseObject",
-            ("get", "/v1/models"): "ModelList"}
+            ("get", "/v1/models"): "ModelList", ("post", "/tokenize"): "Tokenized", ("post", "/v1/agents/runs"): "AgentRun",
+            ("post", "/detokenize"): "Detokenized", ("get", "/v1/agents/runs"): "AgentRunList",
+            ("get", "/v1/agents/runs/{run_id}"): "AgentRun", ("post", "/v1/agents/runs/{run_id}/cancel"): "AgentRun"}
 
 
 def _describe_errors(app: FastAPI) -> None:
@@ -340,11 +355,12 @@ def _describe_errors(app: FastAPI) -> None:
                     responses.pop("422", None)
                     body = _BODY_OF.get((method, path))
                     if body is not None:
-                        responses.setdefault("200", {"description": "Successful Response"})["content"] = {
+                        ok = "201" if (method, path) == ("post", "/v1/agents/runs") else "200"
+                        responses.setdefault(ok, {"description": "Successful Response"})["content"] = {
                             "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
                     codes = ["401", "413", "500"] if path not in AUTH_ALLOWLIST else ["500"]
-                    if method in ("post", "delete") or "{" in path:
-                        codes += ["400", "404"]
+                    if method in ("post", "delete") or "{" in path or op.get("parameters"):
+                        codes += ["400", "404"]  # anything it reads can be refused
                     if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/agents/runs"):
                         codes += ["429", "503"]
                         ok = responses.get("200") or responses.get("201")

@@ -28,7 +28,9 @@ CHEAP = {"max_tokens": 3, "max_completion_tokens": 3, "max_output_tokens": 3, "n
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
               ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models/{model}"),
               ("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/sessions/{session_id}"),
-              ("GET", "/health"), ("GET", "/v1/models")]
+              ("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/agents/runs"),
+              ("GET", "/v1/agents/runs/{run_id}"), ("POST", "/v1/agents/runs/{run_id}/cancel")]
+WITH_BODY = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"}
 
 
 def narrow(case) -> None:
@@ -69,6 +71,9 @@ def test_the_document_declares_bodies_and_errors(server):
         spec = http.get("/openapi.json").json()
     comp = spec["paths"]["/v1/completions"]["post"]["responses"]
     assert comp["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Completion"}
+    runs = spec["paths"]["/v1/agents/runs"]["post"]["responses"]
+    assert runs["201"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AgentRun"}
+    assert "Tokenized" in spec["components"]["schemas"]
     assert "text/event-stream" in comp["200"]["content"]
     for code in ("400", "401", "404", "413", "429", "500", "503"):
         assert comp[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
@@ -81,7 +86,7 @@ def test_the_document_declares_bodies_and_errors(server):
 # Negative cases need something to break: the bodies (a bare string path parameter has no
 # invalid value).
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + \
-        [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"]
+        [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p in WITH_BODY]
 
 
 @pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
