@@ -141,7 +141,7 @@ class _Soak:
             raise AssertionError(f"{path}: {r.status_code} {r.text[:200]}")
         return r
 
-    async def _stream(self, http, i, abort_after: int | None = None):
+    async def _read_stream(self, http, i, abort_after: int | None = None):
         body = self._body({"prompt": f"Story number {i}: once upon a time", "stream": True,
                            "max_tokens": self.rng.randint(8, 32), "temperature": 0.7, "seed": i})
         finish = None
@@ -164,12 +164,12 @@ class _Soak:
         if finish not in ("stop", "length"):
             raise AssertionError(f"stream ended without a finish_reason ({chunks} chunks)")
 
-    async def _stream_kind(self, http, i):
-        await self._stream(http, i)
+    async def _stream(self, http, i):
+        await self._read_stream(http, i)
         self._count("stream", True)
 
     async def _abort(self, http, i):
-        await self._stream(http, i, abort_after=2)
+        await self._read_stream(http, i, abort_after=2)
         self._count("abort", True)
 
     async def _chat(self, http, i):
@@ -215,7 +215,7 @@ class _Soak:
         if isinstance(body, bytes):
             r = await http.post(path, content=body, headers={**self.headers, "content-type": "application/json"})
         else:
-            r = await http.post(path, json=self._body(body) if "model" not in body else body, headers=self.headers)
+            r = await http.post(path, json=self._body(body), headers=self.headers)  # its own model wins
         b = self.report.bad_inputs.setdefault(kind, {"sent": 0, "got_4xx": 0})
         b["sent"] += 1
         if r.status_code >= 500:
@@ -259,7 +259,7 @@ async def soak(url: str, duration_s: float = 60.0, *, concurrency: int = 6, pid:
         async def client():
             while time.monotonic() - t0 < duration_s:
                 kind = s.rng.choices(kinds, w)[0]
-                await s.one(http, "stream_kind" if kind == "stream" else kind, next(counter))
+                await s.one(http, kind, next(counter))
 
         async def sampler():
             while time.monotonic() - t0 < duration_s:
@@ -277,7 +277,6 @@ async def soak(url: str, duration_s: float = 60.0, *, concurrency: int = 6, pid:
                     or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-    # The stream kind was counted under "stream".
     s.report.kv_usage_at_end = s.report.samples[-1]["kv_usage"]
     rss = [x for x in s.report.samples if x["rss_mib"] is not None]
     if rss:

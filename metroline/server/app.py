@@ -265,7 +265,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     add_routes(app)
     agents.add_routes(app)
     add_responses_routes(app)
-    _describe_errors(app)
+    _describe_responses(app)
     return app
 
 
@@ -336,9 +336,10 @@ _BODY_OF = {("post", "/v1/completions"): "Completion", ("post", "/v1/chat/comple
             ("get", "/v1/agents/runs/{run_id}"): "AgentRun", ("post", "/v1/agents/runs/{run_id}/cancel"): "AgentRun"}
 
 
-def _describe_errors(app: FastAPI) -> None:
-    """/openapi.json says what the server answers: FastAPI's generated 422 (never sent here:
-    validation errors are 400s) becomes the OpenAI error shape for every 4xx/5xx it can send."""
+def _describe_responses(app: FastAPI) -> None:
+    """/openapi.json says what the server answers: the 200 bodies in _BODY_OF, SSE for the
+    streaming routes, and, instead of FastAPI's generated 422 (never sent here: validation
+    errors are 400s), the OpenAI error shape for every 4xx/5xx a route can send."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi():

@@ -304,9 +304,6 @@ async def _completion_prompts(state, prompt) -> list[list[int]]:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
     out = []
     for p in prompt:
-        if not isinstance(p, str) and not all(0 <= t < state.vocab_size for t in p):
-            # Checked here, before anything decodes the ids (echo), not only in the engine.
-            raise bad_request(f"prompt token ids must be integers in [0, {state.vocab_size})", "prompt")
         out.append(await _encode(state, p, True) if isinstance(p, str) else list(p))
     return out
 
@@ -332,11 +329,12 @@ async def create_completion(body: CompletionRequest, request: Request):
         if len(prompts) * params.n > 128:
             raise bad_request("len(prompt) * n must be at most 128", "n")
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
         want_lp = body.logprobs is not None
         texts = _texts(state) if want_lp else None
         run = Run(state, request, prompts, params, _hints(body, request), arrival=arrival, prefix="cmpl")
         await run.start()
+        # After the engine admitted the prompts: their ids are checked there, before any decode.
+        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
     except APIError as e:
         state.metrics.count_error(e.code)
         raise
