@@ -1,6 +1,6 @@
 """`metroline serve` as a real process: flags, METROLINE_API_KEY, and a real SIGTERM that
 drains (503 for new work, /ready 503, in-flight streams ended with an error event after
---shutdown-timeout) and exits 0."""
+--shutdown-timeout) and exits 0; a new server comes up on the same port at once."""
 
 from __future__ import annotations
 
@@ -24,33 +24,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def serve_process():
-    port = _free_port()
+def _start(port: int) -> subprocess.Popen:
+    """`metroline serve` on `port`, once it answers /health."""
     env = {**os.environ, "METROLINE_API_KEY": KEY}
     cmd = [sys.executable, "-m", "metroline.cli", "serve", "--port", str(port),
            "--num-blocks", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "128",
            "--shutdown-timeout", "2", "--served-model-name", "smol", "smol-alias",
            "--log-level", "warning", "--no-access-log"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
     try:
-        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "server did not come up"
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return proc
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        yield proc, url
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    proc.stdout.close()
+
+
+@pytest.fixture
+def serve_process():
+    port = _free_port()
+    proc = _start(port)
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        proc.stdout.close()
+        _stop(proc)
 
 
 def test_serve_cli_auth_and_sigterm_drain(serve_process):
@@ -80,6 +92,14 @@ def test_serve_cli_auth_and_sigterm_drain(serve_process):
             pass
     assert e.value.code == "server_shutdown"
     assert proc.wait(60) == 0
+
+    # Restart on the same port at once (no "address already in use" from the old sockets).
+    again = _start(int(url.rsplit(":", 1)[1]))
+    try:
+        out = client.completions.create(model="smol", prompt="Hello", max_tokens=2, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 2
+    finally:
+        _stop(again)
 
 
 def test_serve_flags_and_chat_template_file(tmp_path):
