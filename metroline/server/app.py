@@ -362,15 +362,14 @@ def _describe_responses(app: FastAPI) -> None:
                     codes = ["401", "413", "500"] if path not in AUTH_ALLOWLIST else ["500"]
                     if method in ("post", "delete") or "{" in path or op.get("parameters"):
                         codes += ["400", "404"]  # anything it reads can be refused
-                    if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
-                        codes += ["429", "503"]
-                        ok = responses.get("200")
-                        if ok is not None:  # with "stream": true, server-sent events
-                            ok.setdefault("content", {})["text/event-stream"] = {"schema": {
-                                "description": "one `data: {json}` event per chunk (OpenAI's chunk objects, "
-                                               "or an {\"error\": ...} event), then `data: [DONE]`"}}
-                    if path == "/v1/agents/runs" and method == "post":
-                        codes += ["429", "503"]  # with "stream": true, 200 and the run's events
+                    generates = path in ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+                    if generates or (method, path) == ("post", "/v1/agents/runs"):
+                        codes += ["429", "503"]  # they admit work
+                    if generates and "200" in responses:  # with "stream": true, server-sent events
+                        responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {
+                            "description": "one `data: {json}` event per chunk (OpenAI's chunk objects, "
+                                           "or an {\"error\": ...} event), then `data: [DONE]`"}}
+                    elif (method, path) == ("post", "/v1/agents/runs"):  # stream: true is a 200
                         responses["200"] = {"description": "the run's events (stream: true)", "content": {
                             "text/event-stream": {"schema": {
                                 "description": "`event: KIND` + `data: {json}` per trace event, then "
