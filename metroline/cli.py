@@ -394,16 +394,11 @@ def _read_chat_template(value: str) -> str:
     raise MetrolineError(f"--chat-template: no such file: {value}")
 
 
-def cmd_serve(args) -> int:
-    # OpenMP workers that sleep instead of spinning when idle: the HTTP loop and the kernels'
-    # threads share the cores, and a spinning worker takes the core the loop needs (one
-    # stream measured 89-97 tok/s spinning, 107-117 passive; 16 streams unchanged). Read by
-    # OpenMP when torch loads, so it is set before; a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from metroline.engine.async_engine import AsyncEngine
-    from metroline.engine.core import EngineCore
-    from metroline.model.loader import load_model
-    from metroline.server.app import api_key_from_env, create_app, serve
+def serve_configs(args):
+    """`metroline serve`'s flags as the configs they set, every flag checked before anything
+    loads: (ServerConfig, CacheConfig, SchedulerConfig, ModelConfig, SpeculativeConfig,
+    load_model's keyword arguments)."""
+    from metroline.server.app import api_key_from_env
 
     try:  # every flag is checked before the model loads
         server_config = ServerConfig(
@@ -437,10 +432,31 @@ def cmd_serve(args) -> int:
                                    max_model_len=args.max_model_len, seed=args.seed)
     except ValueError as e:
         raise MetrolineError(str(e)) from None
+    load = dict(dtype=args.dtype, device=args.device, weights=args.weights,
+                quant_method=args.quant_method, imatrix=args.imatrix,
+                max_model_len=args.max_model_len)
+    return server_config, cache, sched, model_config, spec, load
+
+
+def cmd_serve(args) -> int:
+    # OpenMP workers that sleep instead of spinning when idle: the HTTP loop and the kernels'
+    # threads share the cores, and a spinning worker takes the core the loop needs (one
+    # stream measured 89-97 tok/s spinning, 107-117 passive; 16 streams unchanged). Read by
+    # OpenMP when torch loads, so it is set before; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from metroline.engine.async_engine import AsyncEngine
+    from metroline.engine.core import EngineCore
+    from metroline.model.loader import load_model
+    from metroline.server.app import create_app, serve
+
+    server_config, cache, sched, model_config, spec, load = serve_configs(args)
+    if args.replicas is not None:
+        engine_spec, cluster_config = cluster_configs(args, cache, sched, model_config, spec, load)
+        from metroline.server import cluster
+
+        return cluster.run(engine_spec, server_config, cluster_config, args.host, args.port)
     threads = _set_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
-                        quant_method=args.quant_method, imatrix=args.imatrix,
-                        max_model_len=args.max_model_len, show_progress=True)
+    loaded = load_model(args.model, show_progress=True, **load)
     core = EngineCore(loaded, cache, sched, model_config, speculative_config=spec)
     engine = AsyncEngine(core)
     try:
@@ -452,6 +468,51 @@ def cmd_serve(args) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def cluster_configs(args, cache, sched, model_config, spec, load):
+    """--replicas and the flags with it: (server.cluster.EngineSpec, server.cluster.ClusterConfig)."""
+    try:
+        from metroline.server import cluster
+    except ImportError as e:
+        raise MetrolineError(f"--replicas needs Ray Serve ({e}): pip install 'metroline[cluster]'") from None
+    from metroline.platform import resolve_threads
+
+    auto = args.replicas == "auto"
+    if not auto and not args.replicas.isdigit():
+        raise MetrolineError(f"--replicas must be a number or auto, not {args.replicas!r}")
+    try:
+        config = cluster.ClusterConfig(
+            replicas=None if auto else int(args.replicas), min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas if auto else max(args.max_replicas, int(args.replicas)),
+            num_cpus=args.replica_cpus, routing=args.routing, ray_address=args.ray_address,
+            max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests or 4 * args.max_ongoing_requests,
+            target_ongoing_requests=args.target_ongoing_requests)
+    except ValueError as e:
+        raise MetrolineError(str(e)) from None
+    threads = resolve_threads(args.threads or max(1, int(args.replica_cpus)))
+    engine = cluster.EngineSpec(model=args.model, load=load, cache=cache, scheduler=sched,
+                                model_config=model_config, speculative=spec, threads=threads)
+    return engine, config
+
+
+def ray_serve_app(args: dict):
+    """The Ray Serve application of `metroline serve FLAGS --replicas ...`, for `serve run
+    metroline.cli:ray_serve_app flags="..."` and a RayService's serveConfigV2 (import_path,
+    args.flags: the flags as one string or a list; --replicas defaults to 1). Host, port and
+    --ray-address are the cluster's business there, not these flags'."""
+    import shlex
+
+    flags = args.get("flags", "")
+    flags = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
+    ns = build_parser().parse_args(["serve", *flags])
+    ns.replicas = ns.replicas or "1"
+    server_config, cache, sched, model_config, spec, load = serve_configs(ns)
+    engine_spec, cluster_config = cluster_configs(ns, cache, sched, model_config, spec, load)
+    from metroline.server import cluster
+
+    return cluster.build_application(engine_spec, server_config, cluster_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,6 +601,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--host-kv-cache-memory", type=int, default=_CACHE.host_kv_cache_memory,
                    help="bytes of host memory for KV evicted from a GPU (default: automatic; 0: off)")
     e.add_argument("--seed", type=int, default=_MODEL.seed, help="engine seed for unseeded requests")
+    r = s.add_argument_group("scale-out on Ray Serve (pip install 'metroline[cluster]'; docs/deploy.md)")
+    r.add_argument("--replicas", default=None, metavar="N|auto",
+                   help="serve N engine replicas behind this endpoint on Ray Serve, or autoscale "
+                        "them (auto) between --min-replicas and --max-replicas on ongoing plus "
+                        "queued requests (default: one engine in this process, no Ray)")
+    r.add_argument("--min-replicas", type=int, default=1, help="with --replicas auto")
+    r.add_argument("--max-replicas", type=int, default=2, help="with --replicas auto")
+    r.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                   help="with --replicas auto: requests per replica that autoscaling aims at")
+    r.add_argument("--max-ongoing-requests", type=int, default=32,
+                   help="requests one replica takes at once; more wait in the ingress's queue, "
+                        "bounded by --max-queued-requests (default there: 4x this), then 429")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="Ray CPUs per engine replica; its torch threads match (unless --threads)")
+    r.add_argument("--routing", default="kv", choices=["kv", "round_robin"],
+                   help="kv: a session's requests to its replica, else the replica holding the "
+                        "longest cached prefix, else the least loaded; round_robin: in turn")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto, or HEAD:6379) instead of starting a "
+                        "local one")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write a model (GGUF or HF folder) re-quantized as GGUF (llama.cpp "

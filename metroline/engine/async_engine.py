@@ -108,6 +108,14 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
+    async def probe(self) -> None:
+        """One greedy token of an internal request (served first, left out of the engine's
+        counts): proof that the loop steps, for readiness and health checks."""
+        prompt = self.tokenizer.encode("ready", add_special_tokens=False) or [0]
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        async for _ in self.generate(prompt, params, hints=RequestHints(priority=-(2**31), internal=True)):
+            pass
+
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id, None, None))
 
@@ -117,6 +125,15 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is not running: {self.dead_error!r}")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._cmds.put(("release_session", session_id, None, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def cached_block_hashes(self, limit: int | None = None) -> list[int]:
+        """The prefix cache's block hashes, newest last (read in the loop thread, which owns
+        the KV manager): what a router outside the engine matches prompts against."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine is not running: {self.dead_error!r}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put(("cached_block_hashes", limit, None, fut))
         return await asyncio.wrap_future(fut)
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -149,6 +166,9 @@ class AsyncEngine:
         elif kind == "release_session":
             if fut.set_running_or_notify_cancel():
                 fut.set_result(self.core.release_session(rid))
+        elif kind == "cached_block_hashes":
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(self.core.kv_manager.cached_block_hashes(rid))
 
     def _deliver(self, outs) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop per step

@@ -98,6 +98,13 @@ class BlockPool:
         self._cached[block_hash] = block
         return True
 
+    def cached_hashes(self) -> list[int]:
+        """Hashes of every findable block, the next to be evicted first: the free ones in
+        eviction order, then those in use."""
+        free = self._free
+        idle = [b.block_hash for b in free.values() if b.block_hash is not None]
+        return idle + [h for h, b in self._cached.items() if b.block_id not in free]
+
     def get_cached_block(self, block_hash: int) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 

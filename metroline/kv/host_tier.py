@@ -36,6 +36,10 @@ class HostKVTier:
     def __len__(self) -> int:
         return len(self._where)
 
+    def hashes(self) -> list[int]:
+        """The hashes held, least recently used first."""
+        return list(self._where)
+
     def contains(self, block_hash: int) -> bool:
         if block_hash in self._where:
             self._where.move_to_end(block_hash)

@@ -33,6 +33,25 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int],
     return int.from_bytes(h.digest(), "little")
 
 
+def extend_block_hashes(hashes: list[int], num_tokens: int, block_size: int, token_slice,
+                        cache_salt: str | None = None) -> list[int]:
+    """Append to `hashes` the chained hashes of the full blocks of `num_tokens` tokens past
+    those already hashed; `token_slice(start, end)` gives the token ids of a block. The salt
+    only enters the first block: the chain carries it onward."""
+    for i in range(len(hashes), num_tokens // block_size):
+        extra = (cache_salt,) if i == 0 and cache_salt is not None else ()
+        hashes.append(hash_block_tokens(hashes[-1] if hashes else None,
+                                        token_slice(i * block_size, (i + 1) * block_size), extra))
+    return hashes
+
+
+def prefix_block_hashes(token_ids: Sequence[int], block_size: int,
+                        cache_salt: str | None = None) -> list[int]:
+    """The hashes the prefix cache would give a prompt's full blocks (a router outside the
+    engine uses them to find the replica that holds the longest cached prefix)."""
+    return extend_block_hashes([], len(token_ids), block_size, lambda a, b: token_ids[a:b], cache_salt)
+
+
 class Request(Protocol):
     """What the manager reads of a request (kv/ does not import engine/)."""
 
@@ -118,14 +137,18 @@ class KVCacheManager:
 
     def block_hashes(self, request: Request) -> list[int]:
         """Hashes of all full blocks of the request's known tokens (computed once per block)."""
-        hashes = self._block_hashes.setdefault(request.request_id, [])
-        bs = self.block_size
-        for i in range(len(hashes), request.num_tokens // bs):
-            # The salt only needs to enter the first block: the chain carries it onward.
-            extra = (request.cache_salt,) if i == 0 and request.cache_salt is not None else ()
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None,
-                                            request.token_ids_slice(i * bs, (i + 1) * bs), extra))
-        return hashes
+        return extend_block_hashes(self._block_hashes.setdefault(request.request_id, []),
+                                   request.num_tokens, self.block_size, request.token_ids_slice,
+                                   request.cache_salt)
+
+    def cached_block_hashes(self, limit: int | None = None) -> list[int]:
+        """Hashes of the blocks a new request could hit (device pool, then host tier), most
+        recently used last, at most `limit` of them (the newest). Call it from the thread
+        that owns the manager."""
+        hashes = list(self.pool.cached_hashes())
+        if self.host_tier is not None:
+            hashes = list(self.host_tier.hashes()) + hashes
+        return hashes if limit is None or len(hashes) <= limit else hashes[-limit:]
 
     def get_computed_blocks(self, request: Request) -> tuple[list, int]:
         """Longest cached prefix of full blocks, and its length in tokens: device blocks, then

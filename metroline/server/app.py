@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metroline.engine.async_engine import AsyncEngine
-from metroline.engine.request import RequestHints, SamplingParams
 from metroline.server.metrics import CONTENT_TYPE
 from metroline.server.protocol import APIError
 from metroline.server.runs import engine_error
@@ -387,12 +386,8 @@ def _describe_responses(app: FastAPI) -> None:
 
 
 async def _one_token(state: ServerState) -> None:
-    prompt = state.tokenizer.encode("ready", add_special_tokens=False) or [0]
-    params = SamplingParams(max_tokens=1, temperature=0.0)
     try:
-        probe = RequestHints(priority=-(2**31), internal=True)
-        async for _ in state.engine.generate(prompt, params, hints=probe):
-            pass
+        await state.engine.probe()
     except Exception as e:
         raise engine_error(e) from None
 

@@ -24,8 +24,10 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 24
 class _EngineCollector:
     """Reads the engine's snapshot on every scrape (the engine keeps the counts itself)."""
 
-    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str):
+    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str,
+                 replicas: Callable[[], dict] | None = None, routing: Callable[[], dict] | None = None):
         self._stats, self._server, self._model = stats, server_gauges, model
+        self._replicas, self._routing = replicas, routing
 
     def collect(self):
         s, srv, labels = self._stats(), self._server(), [self._model]
@@ -75,6 +77,15 @@ class _EngineCollector:
         yield counter("grammar_fast_forward_tokens",
                       "Tokens a grammar forced, appended without a decode step each.",
                       s.fast_forward_tokens)
+        if self._replicas is not None:
+            yield from self._per_replica(self._replicas())
+        if self._routing is not None:
+            c = CounterMetricFamily("metroline_routing_decisions", "Requests routed to a replica, by why "
+                                    "that one: session, prefix (longest cached), least_loaded, round_robin.",
+                                    labels=["model_name", "reason"])
+            for reason, n in sorted(self._routing().items()):
+                c.add_metric([self._model, reason], float(n))
+            yield c
         yield gauge("engine_alive", "1 while the engine loop runs.", srv["engine_alive"])
         yield gauge("server_draining", "1 while the server drains before shutdown.",
                     srv["draining"])
@@ -82,11 +93,35 @@ class _EngineCollector:
                     srv["in_flight"])
 
 
+    _PER_REPLICA = (("num_requests_running", "gauge", "num_running"),
+                    ("num_requests_waiting", "gauge", "num_waiting"),
+                    ("kv_cache_usage_perc", "gauge", "kv_cache_usage"),
+                    ("prompt_tokens", "counter", "prompt_tokens"),
+                    ("generation_tokens", "counter", "generation_tokens"),
+                    ("prefix_cache_queries", "counter", "prefix_cache_queries"),
+                    ("prefix_cache_hits", "counter", "prefix_cache_hits"))
+
+    def _per_replica(self, replicas: dict):
+        """With engine replicas behind the server (Ray Serve): the totals above are theirs
+        summed, and these series give each replica's own, labelled by its id."""
+        n = GaugeMetricFamily("metroline_replicas", "Engine replicas reporting.", labels=["model_name"])
+        n.add_metric([self._model], float(len(replicas)))
+        yield n
+        for name, kind, field in self._PER_REPLICA:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            m = family(f"metroline_replica_{name}", f"Per replica: {field}.",
+                       labels=["model_name", "replica"])
+            for replica, s in sorted(replicas.items()):
+                m.add_metric([self._model, replica], float(getattr(s, field)))
+            yield m
+
+
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str):
+    def __init__(self, stats: Callable[[], object], server_gauges: Callable[[], dict], model: str,
+                 replicas: Callable[[], dict] | None = None, routing: Callable[[], dict] | None = None):
         self.model = model
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(stats, server_gauges, model))
+        self.registry.register(_EngineCollector(stats, server_gauges, model, replicas, routing))
         kw = dict(labelnames=["model_name"], registry=self.registry)
         self.ttft = Histogram("metroline_time_to_first_token_seconds",
                               "Time from the HTTP request to its first generated token.",

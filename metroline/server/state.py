@@ -42,7 +42,10 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self.draining = False
         self._drain_now: asyncio.Event | None = None
-        self.metrics = ServerMetrics(engine.get_stats, self._gauges, self.model_names[0])
+        # An engine front over several replicas (server/cluster.py) also reports each one.
+        self.metrics = ServerMetrics(engine.get_stats, self._gauges, self.model_names[0],
+                                     getattr(engine, "replica_stats", None),
+                                     getattr(engine, "routing_decisions", None))
         self._store: RunStore | None = None
         self._store_lock = threading.Lock()
 

@@ -89,3 +89,32 @@ def available() -> tuple[bool, str | None]:
     except ImportError as e:
         return False, f"llguidance is not installed ({e}); pip install llguidance"
     return True, None
+
+
+@dataclass(frozen=True)
+class PortableGrammar:
+    """A request's grammar processor as it crosses to another process (a Ray replica): the
+    grammar text already validated at admission, compiled again there against that
+    process's tokenizer (a matcher holds native state that does not pickle)."""
+
+    text: str
+
+
+def portable_processors(processors: list) -> list:
+    """`processors` with each grammar processor replaced by its PortableGrammar; others as they
+    are (they must pickle)."""
+    from metroline.structured.grammar_llguidance import GrammarProcessor
+
+    return [PortableGrammar(p.grammar.text) if isinstance(p, GrammarProcessor) else p
+            for p in processors]
+
+
+def restore_processors(tokenizer, items: list) -> list:
+    """The inverse of portable_processors, in the process that runs the engine."""
+    if not any(isinstance(p, PortableGrammar) for p in items):
+        return items
+    from metroline.structured.grammar_llguidance import LLGuidanceGrammar, backend_for
+
+    backend = backend_for(tokenizer)
+    return [LLGuidanceGrammar(backend, p.text).processor() if isinstance(p, PortableGrammar) else p
+            for p in items]

@@ -227,7 +227,9 @@ def test_fast_forward_appends_forced_tokens_without_a_step_each(default_loaded):
     assert slow_ff == 0 and fast_ff > 10
     assert fast.token_ids == slow.token_ids and fast.text.startswith("<tool_call>")
     assert fast_steps == slow_steps - fast_ff
-    assert fast.finish_reason == slow.finish_reason == "stop"
+    # Whether the model stops after one call or writes another (the grammar allows parallel
+    # calls) depends on the CPU's rounding (AVX2 and AVX-512 differ); both paths agree.
+    assert fast.finish_reason == slow.finish_reason and "</tool_call>" in fast.text
     # A request that wants logprobs gets one per token, so it decodes step by step.
     lp = SamplingParams(temperature=0, max_tokens=80, logprobs=0, logits_processors=[grammar.processor()])
     with_lp, _, lp_ff = _run(default_loaded, prompt, lp, True)
