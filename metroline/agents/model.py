@@ -14,8 +14,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
+
+from metroline.errors import EngineDeadError
+
+logger = logging.getLogger("metroline.agents")
+# Times a model call whose engine was lost mid-call is made again, while the engine front
+# (several replicas) still serves.
+MODEL_CALL_RESENDS = 2
 
 __all__ = ["ChatModel", "ModelTurn", "ModelCall", "CallHints", "EngineChatModel", "ScriptedModel"]
 
@@ -99,15 +107,26 @@ class EngineChatModel:
         h = hints or CallHints()
         req_hints = RequestHints(session_id=h.session_id, program_id=h.program_id,
                                  kv_retention_s=h.kv_retention_s if h.session_id else None)
-        pieces, finish, n_out = [], None, 0
         rid = f"agent-{h.program_id or 'x'}-{next(self._ids)}"
-        async for out in self.engine.generate(prompt, params, request_id=rid, hints=req_hints):
-            for o in out.outputs:
-                pieces.append(o.text)
-                n_out += len(o.token_ids)
-                finish = o.finish_reason or finish
-            if out.error:
-                raise RuntimeError(f"model call failed: {out.error}")
+        for attempt in range(1 + MODEL_CALL_RESENDS):
+            pieces, finish, n_out = [], None, 0
+            try:
+                async for out in self.engine.generate(prompt, params, request_id=f"{rid}.{attempt}",
+                                                      hints=req_hints):
+                    for o in out.outputs:
+                        pieces.append(o.text)
+                        n_out += len(o.token_ids)
+                        finish = o.finish_reason or finish
+                    if out.error:
+                        raise RuntimeError(f"model call failed: {out.error}")
+                break
+            except EngineDeadError:
+                # An engine replica lost mid-call (serve --replicas) while the front still
+                # serves: the call holds no state of the run, so it is made again.
+                if attempt == MODEL_CALL_RESENDS or not self.engine.is_alive:
+                    raise
+                logger.warning("model call %s: its engine was lost; making it again", rid)
+                await asyncio.sleep(0.2 * (attempt + 1))
         content = "".join(pieces)
         calls = []
         if specs:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ logger = logging.getLogger("metroline.server")
 APP_NAME = "metroline"
 ENGINE = "EngineReplica"
 _LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+_SENT: list[int] = []  # a delta's prompt_token_ids on the wire: the caller puts its own back
 
 
 @dataclass
@@ -142,6 +144,7 @@ class EngineReplica:
         params.logits_processors = restore_processors(self.engine.tokenizer, params.logits_processors)
         try:
             async for out in self.engine.generate(prompt, params, request_id, hints):
+                out.prompt_token_ids = _SENT  # the caller has the prompt: not pickled per delta
                 yield out
         except (InvalidRequestError, QueueFullError, EngineDeadError) as e:
             yield Refusal.of(e)
@@ -208,6 +211,7 @@ class RemoteEngine:
         self._retired = EngineStats()  # counters of replicas gone, so totals never go back
         self._lock = threading.Lock()
         self.num_retries = 0
+        self._ids = itertools.count()
 
     @property
     def tokenizer(self):
@@ -273,7 +277,7 @@ class RemoteEngine:
         routing = {"session": hints.session_id,
                    "hashes": prefix_block_hashes(prompt_token_ids, self.block_size, hints.cache_salt)}
         params = dataclasses.replace(params, logits_processors=portable_processors(params.logits_processors))
-        rid = request_id or f"req-{id(params):x}"
+        rid = request_id or f"remote-{next(self._ids)}"
         sends = 0
         while True:
             sends += 1
@@ -288,6 +292,7 @@ class RemoteEngine:
                         finished = True
                         raise item.error()
                     started = True
+                    item.prompt_token_ids = prompt_token_ids
                     finished = item.finished
                     yield item
                     if finished:
@@ -391,9 +396,9 @@ def run(spec: EngineSpec, server_config: ServerConfig, cluster: ClusterConfig, h
     """`metroline serve --replicas ...`: deploy, serve until SIGINT/SIGTERM, then tear down
     (Serve drains each replica for up to the shutdown timeout)."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     start_ray(cluster, host, port)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         deploy(spec, server_config, cluster)
         shape = (f"{cluster.replicas} engine replicas" if cluster.replicas else

@@ -356,3 +356,39 @@ def test_a_run_reads_the_same_over_http_and_from_the_cli(store):
     assert out["metadata"] == {"team": "x", "tool_choice": "auto"} and out["result"] == "done"
     assert [e["kind"] for e in out["events"]] == ["model_call", "final"]
     assert "events" not in rec.to_json()
+
+
+class _FlakyFront:
+    """An engine front whose first call dies after one delta (an engine replica lost
+    mid-call, serve --replicas); `is_alive`: whether the front still serves."""
+
+    def __init__(self, tokenizer, alive: bool):
+        self.tokenizer, self.is_alive, self.calls = tokenizer, alive, []
+
+    async def generate(self, prompt, params, request_id=None, hints=None):
+        from metroline.engine.request import CompletionOutput, RequestOutput
+        from metroline.errors import EngineDeadError
+
+        self.calls.append(request_id)
+        if len(self.calls) == 1:
+            yield RequestOutput(request_id, prompt, [CompletionOutput(0, "half an ans", [1])], False)
+            raise EngineDeadError("the engine replica serving this request was lost")
+        yield RequestOutput(request_id, prompt, [CompletionOutput(0, "Paris.", [2, 3], "stop")], True)
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_model_call_cut_by_a_lost_replica_is_made_again_while_the_front_serves(default_loaded, alive):
+    from metroline.agents.model import EngineChatModel
+    from metroline.errors import EngineDeadError
+
+    front = _FlakyFront(default_loaded.tokenizer, alive)
+    model = EngineChatModel(front)
+    ask = model.complete([{"role": "user", "content": "Capital of France?"}], [], max_tokens=8)
+    if not alive:  # one engine that died: nothing to try again on
+        with pytest.raises(EngineDeadError):
+            _run(ask)
+        assert len(front.calls) == 1
+        return
+    turn = _run(ask)
+    assert turn.content == "Paris." and turn.output_tokens == 2  # nothing of the cut call kept
+    assert len(front.calls) == 2 and len(set(front.calls)) == 2

@@ -31,7 +31,7 @@ serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.slow  # a Ray cluster and two model loads: ~40 s of set-up
 
 MAX_ONGOING = 3
-MAX_QUEUED = 3
+MAX_QUEUED = 8  # Serve counts a request as queued while it is being routed, too
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     from metroline.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
     from metroline.server import cluster as c
 
@@ -55,7 +55,8 @@ def cluster():
                         model_config=ModelConfig(), speculative=SpeculativeConfig(), threads=1)
     try:
         c.start_ray(config, "127.0.0.1", port)
-        c.deploy(spec, ServerConfig(shutdown_timeout=5), config)
+        store = str(tmp_path_factory.mktemp("cluster") / "agents.sqlite3")
+        c.deploy(spec, ServerConfig(shutdown_timeout=5, agent_store_path=store), config)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: len(replica_series(url, "generation_tokens")) == 2, 60, "2 replicas reporting", 0.2)
         yield url
@@ -134,8 +135,18 @@ def test_streaming_and_structured_output_cross_to_the_replica(cluster):
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2
 
 
+def routing(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^metroline_routing_decisions_total{[^}]*reason="([^"]+)"[^}]*} (\S+)$', text, re.M)}
+
+
+REPORTS_SETTLE_S = 1.5  # three report periods: every replica has reported what it computed
+
+
 def test_a_session_sticks_to_one_replica_and_hits_its_cache(cluster):
-    before = replica_series(cluster, "prompt_tokens")
+    time.sleep(REPORTS_SETTLE_S)  # the earlier tests' counts are in
+    before, decided = replica_series(cluster, "prompt_tokens"), routing(cluster)
     messages = [{"role": "system", "content": "You are a terse assistant. " * 6}]
     cached = []
     c = client(cluster)
@@ -151,8 +162,30 @@ def test_a_session_sticks_to_one_replica_and_hits_its_cache(cluster):
         after = replica_series(cluster, "prompt_tokens")
         return [r for r in after if after[r] > before.get(r, 0)]
     wait_for(lambda: grew(), 10, "the session's prompt tokens to be reported", 0.2)
-    time.sleep(1.5)  # three report periods: every replica has reported what it computed
-    assert len(grew()) == 1, replica_series(cluster, "prompt_tokens")
+    time.sleep(REPORTS_SETTLE_S)
+    assert len(grew()) == 1, (before, replica_series(cluster, "prompt_tokens"))
+    assert routing(cluster).get("session", 0) - decided.get("session", 0) == 3
+
+
+def test_an_agent_run_is_served_through_the_ingress_and_its_calls_stick(cluster):
+    """The run lives in the ingress (its store); its model calls carry the run as session_id,
+    so after the first they are routed to the replica that holds the run's KV."""
+    before = routing(cluster)
+    with httpx.Client(base_url=cluster, timeout=TIMEOUT) as http:
+        r = http.post("/v1/agents/runs", json={"task": "What is 12 * 7 + 3? Use the calculator.",
+                                               "tools": ["calculator"], "tool_choice": "required",
+                                               "budgets": {"max_steps": 3, "max_tokens_per_call": 48}})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while (run := http.get(f"/v1/agents/runs/{run_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, run
+            time.sleep(0.2)
+    assert run["status"] in ("completed", "stopped"), run
+    calls = [e for e in run["events"] if e["kind"] == "model_call"]
+    assert len(calls) >= 2 and any(e["kind"] == "tool_finished" and e["ok"] for e in run["events"])
+    after = routing(cluster)
+    assert after.get("session", 0) - before.get("session", 0) >= len(calls) - 1, (before, after)
 
 
 def test_overload_is_a_quick_429_never_a_hang(cluster):
@@ -168,7 +201,7 @@ def test_overload_is_a_quick_429_never_a_hang(cluster):
         with lock:
             statuses.append((r.status_code, r.headers.get("retry-after")))
 
-    n = 2 * MAX_ONGOING + MAX_QUEUED + 8
+    n = 2 * MAX_ONGOING + MAX_QUEUED + 10
     start = time.monotonic()
     threads = [threading.Thread(target=post) for _ in range(n)]
     for t in threads:
