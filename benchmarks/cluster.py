@@ -12,7 +12,8 @@ alternating (A, B, C, D, A, B, C, D); all of them get the machine's 2 cores:
 
 Workloads: ShareGPT first turns (throughput and latency: one-engine, replicas-1, replicas-2),
 and whole ShareGPT conversations, every turn resending the history (multiturn: replicas-2 vs
-replicas-2-rr: prefix-cache hit rate from usage.cached_tokens, TTFT per turn).
+replicas-2-rr, and one-engine, whose one cache sees every turn: the hit rate a router can at
+best get back; prefix-cache hit rate from usage.cached_tokens, TTFT per turn).
 
 Each run reports the fraction of the machine's memory bandwidth its decode reached (the
 roofline of `metroline bench roofline`, measured here before any server starts) and $ per
@@ -40,7 +41,7 @@ CONFIGS = {
     "replicas-2-rr": ["--replicas", "2", "--replica-cpus", "1", "--routing", "round_robin"],
 }
 WORKLOADS = {"sharegpt": ("one-engine", "replicas-1", "replicas-2"),
-             "multiturn": ("replicas-2", "replicas-2-rr")}
+             "multiturn": ("one-engine", "replicas-2", "replicas-2-rr")}
 
 
 def scrape(url: str) -> dict:
@@ -128,15 +129,17 @@ def plot(summary: dict, path: str) -> None:
     ax.set_title("ShareGPT TTFT")
     mt = summary["mean"]["multiturn"]
     ax = axes[2]
-    for name, style in (("replicas-2", "-o"), ("replicas-2-rr", "--s")):
+    labels = {"replicas-2": "2 replicas, kv routing", "replicas-2-rr": "2 replicas, round robin",
+              "one-engine": "one engine (no Ray)"}
+    for name, style in (("replicas-2", "-o"), ("replicas-2-rr", "--s"), ("one-engine", ":^")):
         turns = mt[name]["ttft_p50_ms_per_turn"]
         ks = sorted(turns)
         ax.plot(ks, [turns[k] for k in ks], style,
-                label=f"{'kv routing' if name == 'replicas-2' else 'round robin'} "
-                      f"(hit rate {mt[name]['cache_hit_rate']:.0%})")
+                label=f"{labels[name]} (hit rate {mt[name]['cache_hit_rate']:.0%})")
     ax.set_xlabel("conversation turn")
     ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title("multiturn, 2 replicas")
+    ax.set_title("multiturn (whole conversations)")
+    ax.set_xticks(sorted(mt["replicas-2"]["ttft_p50_ms_per_turn"]))
     ax.legend()
     fig.suptitle(f"metroline on Ray Serve, {summary['machine'].get('cpu', '')} "
                  f"(load {summary['load_start']})", fontsize=10)
@@ -171,7 +174,7 @@ def main() -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             cmd = [PY, "-m", "metroline.cli", "serve", "--port", str(port), "--no-access-log", *flags]
-            server = Server(name, cmd, port, os.path.join(RESULTS, f"cluster_{name}.log"))
+            server = Server(name, cmd, port, f"/tmp/cluster_{name}.log")
             try:
                 for workload, configs in WORKLOADS.items():
                     if name not in configs:
@@ -208,7 +211,8 @@ def main() -> int:
               "throughput_replicas2_over_replicas1": sg["replicas-2"]["output_tok_s"] / sg["replicas-1"]["output_tok_s"],
               "multiturn_ttft_p50_kv_over_rr": mt["replicas-2"]["ttft_p50_ms"] / mt["replicas-2-rr"]["ttft_p50_ms"],
               "multiturn_hit_rate_kv": mt["replicas-2"]["cache_hit_rate"],
-              "multiturn_hit_rate_rr": mt["replicas-2-rr"]["cache_hit_rate"]}
+              "multiturn_hit_rate_rr": mt["replicas-2-rr"]["cache_hit_rate"],
+              "multiturn_hit_rate_one_engine": mt["one-engine"]["cache_hit_rate"]}
     summary = {"kind": "cluster", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine,
                "bandwidth_gb_s": bandwidth / 1e9, "load_start": quiet[-1]["load"], "load_end": list(os.getloadavg()),
                "args": vars(args), "configs": CONFIGS, "rounds": rounds, "mean": means, "ratios": ratios}

@@ -394,11 +394,16 @@ async def _one_token(state: ServerState) -> None:
 
 # ---------------------------------------------------------------------------- running it
 
+# Named, not "auto": uvicorn would switch to httptools and uvloop when they are installed (as
+# ray[serve] does), and httptools buffers a header block of any size; h11 bounds it (16 KiB).
+UVICORN_CHOICES = {"http": "h11", "loop": "asyncio"}
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           access_log: bool = True) -> None:
     """Run the app under uvicorn until SIGINT/SIGTERM; returns after the drain."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=10, server_header=False)
+                            timeout_graceful_shutdown=10, server_header=False, **UVICORN_CHOICES)
     DrainingServer(config, app.state.metroline).run()
 
 

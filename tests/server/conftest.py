@@ -29,7 +29,7 @@ import uvicorn
 from metroline.config import CacheConfig, SchedulerConfig
 from metroline.engine.async_engine import AsyncEngine
 from metroline.engine.core import EngineCore
-from metroline.server.app import ServerConfig, create_app
+from metroline.server.app import UVICORN_CHOICES, ServerConfig, create_app
 
 TIMEOUT = 60.0
 
@@ -46,7 +46,7 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, **UVICORN_CHOICES)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        name=f"uvicorn-{self.port}", daemon=True)
