@@ -57,7 +57,7 @@ def test_int8_kv_within_stated_tolerance_of_fp32_kv(backend, default_loaded_fp32
 
 
 @needs_kernels
-def test_same_memory_holds_twice_the_tokens_and_generates(default_loaded):
+def test_same_memory_holds_twice_the_tokens_and_generates(default_loaded, default_loaded_fp32):
     mem = 64 * 2 ** 20
     fp16 = LLM(loaded=default_loaded, kv_cache_memory=mem, show_progress=False)
     int8 = LLM(loaded=default_loaded, kv_cache_memory=mem, kv_cache_dtype="int8", show_progress=False)
@@ -68,10 +68,18 @@ def test_same_memory_holds_twice_the_tokens_and_generates(default_loaded):
     assert int8.engine.runner.kv_caches[0][0].shape[-1] == d + 2
     prompt = default_loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}])
     params = SamplingParams(max_tokens=24, temperature=0)
-    a = fp16.generate([prompt], params)[0].outputs[0]
-    b = int8.generate([prompt], params)[0].outputs[0]
+    b = int8.generate([prompt], params)[0].outputs[0]  # the packed model: all layers in one call
     assert len(b.token_ids) > 0 and b.text.strip()
-    assert b.token_ids[:4] == a.token_ids[:4]  # greedy agrees at the start (98.5% of positions measured)
+    # Greedy agrees at the start (98.5% of positions measured), on fp32 weights, where only the
+    # cache differs. Not held on the packed model: its int8 matmul inputs (rounded every step, as
+    # the int8 rows are) turn a 1e-7 relative change of one attention output (another ISA's
+    # summation order) into ~0.6 of a logit at the prompt's end, and there the first token's top
+    # two ("1", 33, and "There", 2122) are 0.05..0.6 apart: on AVX2 int8 rows gave "There".
+    f16_32 = LLM(loaded=default_loaded_fp32, kv_cache_memory=mem, show_progress=False)
+    i8_32 = LLM(loaded=default_loaded_fp32, kv_cache_memory=mem, kv_cache_dtype="int8", show_progress=False)
+    a = f16_32.generate([prompt], params)[0].outputs[0]
+    b = i8_32.generate([prompt], params)[0].outputs[0]
+    assert b.token_ids[:4] == a.token_ids[:4]
 
 
 def test_bad_kv_cache_dtype_is_a_clear_error(default_loaded):

@@ -173,6 +173,20 @@ def test_long_context_split_over_threads(isa):
 
 
 @needs_op
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_prefill_shapes_agree_with_scalar(isa, dtype):
+    """The engine's prefill calls: a whole prompt (q_len == context, 34 as the chat-templated
+    default prompt, not a multiple of the chunk or the block), a prefill chunk over a cache and a
+    decode in one batch; q_len past one item's rows, so queries run in several tiles."""
+    _isa_or_skip(isa)
+    b = Batch([34, 61, 300], [34, 29, 1], dtype=dtype, seed=8)
+    out = b.run(isa)
+    assert_close_rel(out, b.ref())
+    assert_close_rel(out, b.run("scalar"))
+
+
+@needs_op
 def test_long_query_runs_in_tiles():
     """q_len beyond one item's rows (64 // G queries) is cut into query tiles."""
     b = Batch([400, 90], [60, 30], seed=6)
