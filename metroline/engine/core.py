@@ -123,7 +123,7 @@ class EngineCore:
                                block_size=bs, kv_cache_bytes=num_blocks * bs * per_token,
                                attention_backend=backend.name,
                                kv_cache_dtype=str(backend.cache_dtype(self.dtype)).removeprefix("torch."),
-                               kv_sizing=self.kv_sizing)
+                               kv_sizing=self.kv_sizing, weight_bytes=int(loaded.weight_bytes or 0))
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s), max_model_len %d",
                     num_blocks, bs, num_blocks * bs * per_token / 2**20, self.kv_sizing,
                     self.max_model_len)

@@ -293,6 +293,7 @@ class EngineInfo:
     kv_sizing: str = ""  # how the pool's size was chosen
     attention_backend: str = ""
     kv_cache_dtype: str = ""
+    weight_bytes: int = 0  # weight bytes one decode step reads (0: unknown)
 
 
 @dataclass

@@ -36,7 +36,10 @@ logger = logging.getLogger("metroline.server")
 API_KEY_ENV = "METROLINE_API_KEY"
 # Routes answered without an API key: liveness must be probe-able by an orchestrator that
 # holds no secret. Everything else, /metrics and /openapi.json included, needs the key.
-AUTH_ALLOWLIST = frozenset({"/health"})
+# The page (/ and its two assets) loads without one too: it asks for the key, and every call it
+# makes for data sends it.
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+AUTH_ALLOWLIST = frozenset({"/health", "/", *(f"/static/{name}" for name in _ASSETS)})
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -261,11 +264,46 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def version() -> dict:
         return {"version": __version__}
 
+    _add_page(app, state)
     add_routes(app)
     agents.add_routes(app)
     add_responses_routes(app)
     _describe_responses(app)
     return app
+
+
+def _add_page(app: FastAPI, state: ServerState) -> None:
+    """The web page (server/static: dashboard, playground, agent traces) and the one figure it
+    cannot read from /metrics: this machine's bandwidth roofline for one stream's decode."""
+    from importlib.resources import files
+
+    from fastapi.responses import HTMLResponse
+
+    static = files("metroline.server") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        if name not in _ASSETS:
+            raise APIError(404, f"no asset {name!r}", "invalid_request_error", None, "not_found")
+        return Response((static / name).read_bytes(), media_type=_ASSETS[name])
+
+    roof: dict = {}
+
+    @app.get("/v1/metroline/roofline")
+    async def roofline() -> dict:
+        """Read bandwidth of this machine (measured once, 256 MiB x 3), the weight bytes one
+        decode step reads, and so the batch-1 decode ceiling in tokens/s."""
+        if "bandwidth_bytes_s" not in roof:
+            from metroline.bench.hardware import measure_bandwidth
+
+            roof["bandwidth_bytes_s"] = await asyncio.to_thread(measure_bandwidth, state.info.device, 1 << 28, 3)
+        w = state.info.weight_bytes
+        return {"bandwidth_bytes_s": roof["bandwidth_bytes_s"], "weight_bytes_per_token": w,
+                "decode_ceiling_tok_s": roof["bandwidth_bytes_s"] / w if w else None}
 
 
 # The statuses each kind of route may answer besides its success, all in OpenAI's error shape.
