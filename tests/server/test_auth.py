@@ -31,8 +31,9 @@ def _routes(app):
     return out
 
 
-def test_allowlist_is_only_health():
-    assert AUTH_ALLOWLIST == frozenset({"/health"})
+def test_allowlist_is_health_and_the_page():
+    """Liveness, and the page with its two assets (it holds no data: it asks for the key)."""
+    assert AUTH_ALLOWLIST == frozenset({"/health", "/", "/static/app.js", "/static/style.css"})
 
 
 def test_every_route_but_the_allowlist_needs_the_key(secured):
