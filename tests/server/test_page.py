@@ -99,6 +99,8 @@ def test_the_dashboard_updates_while_a_request_runs(server, page):
     # running >= 1 in the card, and a tokens/s figure above zero, while it runs
     page.wait_for_function("Number(document.getElementById('v-queue').textContent.split(' / ')[0]) >= 1", timeout=30000)
     page.wait_for_function("parseFloat(document.getElementById('v-toks').textContent) > 0", timeout=30000)
+    # the charts' series hold the new points (tokens/s above zero, a running request)
+    assert page.evaluate("metrolineSeries.toks.some(v => v > 0) && metrolineSeries.running.some(v => v >= 1)")
     _shot(page, "dashboard")
     assert done.wait(60)
     page.wait_for_function("document.getElementById('v-ttft').textContent.includes('ms')", timeout=10000)

@@ -98,6 +98,7 @@ function histState(ms, base) {
 }
 
 const series = {running: [], waiting: [], toks: [], kv: [], hit: [], ttft: [], tpot: []};
+window.metrolineSeries = series;  // what the charts draw (read by the browser tests)
 const MAXPTS = 90;
 let last = null;
 let roofline = null;
