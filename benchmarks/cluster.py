@@ -120,13 +120,12 @@ def plot(summary: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     sg = summary["mean"]["sharegpt"]
     names = list(sg)
-    axes[0].bar(names, [sg[n]["output_tok_s"] for n in names], color=["#777", "#4a7", "#37b"][:len(names)])
-    axes[0].set_ylabel("output tok/s (mean of rounds)")
-    axes[0].set_title(f"ShareGPT, {summary['args']['concurrency']} streams")
-    ax = axes[1]
-    ax.bar(names, [sg[n]["ttft_p50_ms"] for n in names], color=["#777", "#4a7", "#37b"][:len(names)])
-    ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title("ShareGPT TTFT")
+    for ax, key, ylabel, title in ((axes[0], "output_tok_s", "output tok/s (mean of rounds)",
+                                    f"ShareGPT, {summary['args']['concurrency']} streams"),
+                                   (axes[1], "ttft_p50_ms", "TTFT p50 (ms)", "ShareGPT TTFT")):
+        ax.bar(names, [sg[n][key] for n in names], color=["#777", "#4a7", "#37b"][:len(names)])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
     mt = summary["mean"]["multiturn"]
     ax = axes[2]
     labels = {"replicas-2": "2 replicas, kv routing", "replicas-2-rr": "2 replicas, round robin",

@@ -145,7 +145,7 @@ class KVCacheManager:
         """Hashes of the blocks a new request could hit (device pool, then host tier), most
         recently used last, at most `limit` of them (the newest). Call it from the thread
         that owns the manager."""
-        hashes = list(self.pool.cached_hashes())
+        hashes = self.pool.cached_hashes()
         if self.host_tier is not None:
             hashes = list(self.host_tier.hashes()) + hashes
         return hashes if limit is None or len(hashes) <= limit else hashes[-limit:]

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -137,7 +136,7 @@ class EngineReplica:
         self.report_hashes = report_hashes
 
     def describe(self, routing: dict | None = None) -> dict:
-        return {"info": self.engine.info, "tokenizer": self.engine.tokenizer, "pid": os.getpid()}
+        return {"info": self.engine.info, "tokenizer": self.engine.tokenizer}
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str,
                        hints: RequestHints | None = None, routing: dict | None = None):
@@ -164,11 +163,7 @@ class EngineReplica:
     async def record_routing_stats(self) -> dict:
         """What the router and the ingress's /metrics read (Serve polls it)."""
         hashes = await self.engine.cached_block_hashes(self.report_hashes) if self.engine.is_alive else []
-        return {"stats": dataclasses.asdict(self.engine.get_stats()), "hashes": hashes,
-                "pid": os.getpid(), "at": time.time()}
-
-    def pid(self, routing: dict | None = None) -> int:
-        return os.getpid()
+        return {"stats": dataclasses.asdict(self.engine.get_stats()), "hashes": hashes}
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -179,8 +174,6 @@ class EngineReplica:
 # ---------------------------------------------------------------------------- the ingress's engine
 
 def _sum_stats(stats: list[EngineStats]) -> EngineStats:
-    if not stats:
-        return EngineStats()
     total: dict[str, Any] = {}
     for f in dataclasses.fields(EngineStats):
         total[f.name] = sum(getattr(s, f.name) for s in stats)
@@ -198,19 +191,17 @@ _COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "kv
 class RemoteEngine:
     """AsyncEngine's front over the engine deployment (what ServerState.engine needs)."""
 
-    def __init__(self, handle, described: dict, block_size: int, retries: int = 2):
+    def __init__(self, handle, described: dict, retries: int = 2):
         self._handle = handle
         self._stream = handle.options(stream=True)  # after the first call: shares its router
         self._info: EngineInfo = described["info"]
         self._tokenizer = described["tokenizer"]
-        self.block_size = block_size
         self.retries = retries
         self.dead_error: BaseException | None = None
         self._closed = False
         self._last: dict[str, EngineStats] = {}  # per replica, its latest report
         self._retired = EngineStats()  # counters of replicas gone, so totals never go back
         self._lock = threading.Lock()
-        self.num_retries = 0
         self._ids = itertools.count()
 
     @property
@@ -258,12 +249,11 @@ class RemoteEngine:
         return dict(router.decisions) if router is not None else {}
 
     def get_stats(self) -> EngineStats:
-        """The replicas' stats summed (their counters plus those of replicas gone)."""
-        live = self.replica_stats()
-        total = _sum_stats(list(live.values()))
+        """The replicas' stats summed, with the counters of replicas gone (the retired
+        stats hold only counters, so they add nothing else)."""
+        live = list(self.replica_stats().values())
         with self._lock:
-            retired = self._retired
-        return dataclasses.replace(total, **{n: getattr(total, n) + getattr(retired, n) for n in _COUNTERS})
+            return _sum_stats([*live, self._retired])
 
     def num_requests(self) -> int:
         return self.get_stats().num_streams
@@ -275,7 +265,7 @@ class RemoteEngine:
             raise EngineDeadError("the engine front was shut down")
         hints = hints or RequestHints()
         routing = {"session": hints.session_id,
-                   "hashes": prefix_block_hashes(prompt_token_ids, self.block_size, hints.cache_salt)}
+                   "hashes": prefix_block_hashes(prompt_token_ids, self._info.block_size, hints.cache_salt)}
         params = dataclasses.replace(params, logits_processors=portable_processors(params.logits_processors))
         rid = request_id or f"remote-{next(self._ids)}"
         sends = 0
@@ -310,7 +300,6 @@ class RemoteEngine:
                 if sends > self.retries:
                     raise EngineDeadError(f"the request was sent {sends} times and each engine replica "
                                           f"was lost before it started: {type(e).__name__}") from None
-                self.num_retries += 1
                 logger.warning("request %s: engine replica lost before streaming (%s); sending it again",
                                rid, type(e).__name__)
             finally:
@@ -335,7 +324,7 @@ class Ingress:
 
     async def __init__(self, engine_handle, server_config: ServerConfig, retries: int = 2):
         described = await engine_handle.describe.remote(routing={})
-        self.engine = RemoteEngine(engine_handle, described, described["info"].block_size, retries)
+        self.engine = RemoteEngine(engine_handle, described, retries)
         self.server_config = server_config
 
     def __serve_build_asgi_app__(self):

@@ -38,6 +38,7 @@ def _registry() -> dict:
 
     return cluster_router.ROUTERS
 
+
 POLICIES = ("kv", "round_robin")
 
 

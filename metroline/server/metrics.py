@@ -92,7 +92,6 @@ class _EngineCollector:
         yield gauge("http_requests_in_flight", "Generation requests being served over HTTP.",
                     srv["in_flight"])
 
-
     _PER_REPLICA = (("num_requests_running", "gauge", "num_running"),
                     ("num_requests_waiting", "gauge", "num_waiting"),
                     ("kv_cache_usage_perc", "gauge", "kv_cache_usage"),
